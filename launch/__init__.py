@@ -1,0 +1,1 @@
+"""Launch: config, distributed init, entry points."""

@@ -1,0 +1,462 @@
+"""Typed experiment config: YAML files with ``inherit:``, dotted CLI overrides, loud validation.
+
+Precedence: dataclass defaults < YAML (parents first, via ``inherit:``) < ``key=value`` overrides.
+Every field carries an attribute docstring; every error is one line that names the dotted key and
+the valid choices. This module is torch-free so configs can be checked without the stack.
+
+    cfg = load_config("configs/demo.yaml", ["model.num_layers=4", "train.lr=1e-3"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line that says how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the megatron-core BERT encoder and the choice of self-attention."""
+
+    num_layers: int = 4
+    """Number of transformer layers."""
+    hidden_size: int = 256
+    """Width of the residual stream."""
+    num_attention_heads: int = 4
+    """Attention heads per layer; must divide hidden_size."""
+    ffn_hidden_size: int = 0
+    """Width of the MLP; 0 means 4 * hidden_size."""
+    max_position_embeddings: int = 512
+    """Size of the learned absolute position table; must be >= data.seq_len."""
+    vocab_size: int = 0
+    """Embedding rows; 0 means the tokenizer's vocabulary size (padded for tensor parallelism)."""
+    hidden_dropout: float = 0.1
+    """Dropout on the residual branches."""
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities (variants without probabilities ignore it)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+    layernorm_epsilon: float = 1e-5
+    """Epsilon of every LayerNorm."""
+    attention: dict = field(default_factory=lambda: {"name": "softmax"})
+    """Default self-attention of every layer: ``{name: <variant>, <variant fields>...}``."""
+    layer_attention: list = field(default_factory=list)
+    """Per-layer overrides: a list with one attention dict (or null) per layer, or rules
+    ``{layers: [first, last], name: ..., <fields>}`` (inclusive range) that replace the default."""
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from, how it is tokenized and sharded, and how batches are masked."""
+
+    corpus: list = field(default_factory=lambda: ["demo"])
+    """Input text: ``.txt`` / ``.jsonl`` paths or globs; the word ``demo`` builds the embedded default
+    corpus from docstrings already on the machine, ``demo_stdlib`` a small fixed stdlib slice."""
+    data_dir: str = "data/demo"
+    """Directory holding the tokenizer, the shards (train-*.tar, val-*.tar) and manifest.json."""
+    corpus_max_mb: float = 48.0
+    """Cap on the size of the gathered demo corpus, in MB of text."""
+    vocab_size: int = 8192
+    """Size of the sentencepiece vocabulary to train (special tokens included)."""
+    tokenizer_type: Literal["unigram", "bpe"] = "unigram"
+    """Sentencepiece model type."""
+    tokenizer_sample_mb: float = 16.0
+    """MB of text sampled to train the tokenizer (the whole corpus is still sharded)."""
+    seq_len: int = 128
+    """Tokens per packed sequence, [CLS] and [SEP] included."""
+    val_fraction: float = 0.01
+    """Fraction of documents held out for validation."""
+    samples_per_shard: int = 10000
+    """Sequences per webdataset tar shard."""
+    mask_prob: float = 0.15
+    """Fraction of real (non-special) tokens chosen for the MLM loss."""
+    mask_token_prob: float = 0.8
+    """Of the chosen tokens, the fraction replaced by [MASK]."""
+    random_token_prob: float = 0.1
+    """Of the chosen tokens, the fraction replaced by a random non-special token (rest unchanged)."""
+    shuffle_buffer: int = 2000
+    """Samples held in the seeded shuffle buffer of the train loader."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    prepare_workers: int = 0
+    """Processes for corpus gathering and tokenization; 0 = one per CPU core."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, evaluation, checkpointing and logging cadence."""
+
+    run_dir: str = "runs/demo"
+    """Directory of this run: config.yaml, checkpoints/, tb/ (TensorBoard), logs."""
+    steps: int = 1000
+    """Optimizer steps to train for (global, across resumes)."""
+    micro_batch_size: int = 16
+    """Sequences per rank per forward/backward."""
+    gradient_accumulation_steps: int = 1
+    """Micro batches accumulated per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = 100
+    """Linear warm-up steps from 0 to lr."""
+    lr_decay: Literal["linear", "cosine", "constant"] = "linear"
+    """Shape of the decay from lr to min_lr after warm-up."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.98
+    """AdamW beta2."""
+    adam_eps: float = 1e-6
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping threshold (0 disables)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    bf16: bool = False
+    """Train in bf16 (DeepSpeed bf16 mode); fp32 otherwise."""
+    seed: int = 1234
+    """Seed of the model init, dropout and the data order."""
+    log_every: int = 10
+    """Steps between log lines and TensorBoard train scalars."""
+    eval_every: int = 100
+    """Steps between validation passes (and one at the end)."""
+    eval_batches: int = 20
+    """Micro batches per rank in a validation pass (0 = the whole val split)."""
+    save_every: int = 500
+    """Steps between checkpoints (and one at the end); 0 saves only at the end."""
+    keep_last: int = 2
+    """Checkpoints kept in run_dir/checkpoints (older ones are deleted)."""
+    resume: bool = True
+    """Resume from the latest checkpoint in run_dir when there is one."""
+
+
+@dataclass
+class ParallelConfig:
+    """Model parallelism; data parallelism takes the remaining ranks."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel degree (megatron-core); must divide the world size and the head count."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Extra DeepSpeed settings merged over the derived DeepSpeed config."""
+
+    extra: dict = field(default_factory=dict)
+    """Pass-through keys merged last into the generated DeepSpeed config (expert use)."""
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole run: one section per concern."""
+
+    name: str = "bertforge"
+    """Name of the experiment (shown in logs and TensorBoard hparams)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape and attention."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus, tokenizer, shards and masking."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and cadence."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor parallelism."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed pass-through."""
+
+    def validate(self, world_size: int | None = None) -> ExperimentConfig:
+        """Check cross-field rules; raise ConfigError with one line naming the key."""
+        m, d, t, p = self.model, self.data, self.train, self.parallel
+        _positive(self, ["model.num_layers", "model.hidden_size", "model.num_attention_heads",
+                         "model.max_position_embeddings", "data.vocab_size", "data.seq_len",
+                         "data.samples_per_shard", "train.steps", "train.micro_batch_size",
+                         "train.gradient_accumulation_steps", "train.log_every", "train.eval_every",
+                         "train.keep_last", "parallel.tensor_model_parallel_size"])
+        if m.hidden_size % m.num_attention_heads:
+            raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
+                              f"model.num_attention_heads={m.num_attention_heads}; pick a head count that divides it")
+        if m.max_position_embeddings < d.seq_len:
+            raise ConfigError(f"model.max_position_embeddings={m.max_position_embeddings} < data.seq_len={d.seq_len}; "
+                              "raise model.max_position_embeddings")
+        if d.seq_len < 8:
+            raise ConfigError(f"data.seq_len={d.seq_len} is too short; use at least 8")
+        if d.vocab_size < 16:
+            raise ConfigError(f"data.vocab_size={d.vocab_size} is too small; use at least 16")
+        for key in ("mask_prob", "mask_token_prob", "random_token_prob", "val_fraction",
+                    "hidden_dropout", "attention_dropout"):
+            sec = d if hasattr(d, key) else m
+            v = getattr(sec, key)
+            if not 0.0 <= v < 1.0:
+                name = ("data." if sec is d else "model.") + key
+                raise ConfigError(f"{name}={v} must be in [0, 1)")
+        if d.mask_token_prob + d.random_token_prob > 1.0:
+            raise ConfigError("data.mask_token_prob + data.random_token_prob must be <= 1 "
+                              f"(got {d.mask_token_prob} + {d.random_token_prob})")
+        if d.mask_prob <= 0:
+            raise ConfigError("data.mask_prob must be > 0: the MLM loss needs masked tokens")
+        if t.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage={t.zero_stage} is invalid; valid choices: 0, 1, 2, 3")
+        if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+            raise ConfigError(f"train.lr={t.lr} / train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+        if t.warmup_steps < 0 or t.save_every < 0 or t.eval_batches < 0:
+            raise ConfigError("train.warmup_steps, train.save_every and train.eval_batches must be >= 0")
+        tp = p.tensor_model_parallel_size
+        if m.num_attention_heads % tp:
+            raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                              f"parallel.tensor_model_parallel_size={tp}")
+        if world_size is not None and world_size % tp:
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size={tp}; "
+                              "launch a multiple of the TP degree or lower it")
+        if not isinstance(m.attention, dict) or "name" not in m.attention:
+            raise ConfigError("model.attention must be a mapping with a 'name' key, e.g. {name: softmax}")
+        if m.layer_attention and isinstance(m.layer_attention, list):
+            for i, rule in enumerate(m.layer_attention):
+                if rule is not None and not isinstance(rule, dict):
+                    raise ConfigError(f"model.layer_attention[{i}] must be a mapping or null, got {rule!r}")
+        return self
+
+    def model_shape_hash(self) -> str:
+        """Hash of the fields that shape the model's parameters (used to refuse bad resumes)."""
+        keys = {k: getattr(self.model, k) for k in
+                ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                 "max_position_embeddings", "vocab_size", "attention", "layer_attention")}
+        keys["data.vocab_size"] = self.data.vocab_size
+        keys["tp"] = self.parallel.tensor_model_parallel_size
+        return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: str) -> None:
+        """Write the resolved config as YAML (atomically)."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+        os.replace(tmp, path)
+
+
+def _positive(cfg: ExperimentConfig, keys: list[str]) -> None:
+    for key in keys:
+        sec, name = key.split(".")
+        v = getattr(getattr(cfg, sec), name)
+        if v <= 0:
+            raise ConfigError(f"{key}={v} must be a positive integer")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int -> float etc.)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is invalid; valid choices: {', '.join(map(str, choices))}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a boolean (true/false)")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a string")
+    if tp is list or origin is list:
+        if isinstance(value, (str, dict)) and key.endswith("corpus"):
+            return [value] if isinstance(value, str) else value
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a list")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a mapping")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with the valid ones listed."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{dotted}'; valid keys{' under ' + prefix[:-1] if prefix else ''}: "
+                              f"{', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(dotted, value, tp)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("attention",):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"config inheritance loop: {' -> '.join(seen + (path,))}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}; pass an existing YAML, e.g. --config configs/demo.yaml")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections")
+    parents = data.pop("inherit", None)
+    if parents is None:
+        return data
+    merged: dict = {}
+    for parent in [parents] if isinstance(parents, str) else parents:
+        ppath = parent if os.path.isabs(parent) else os.path.join(os.path.dirname(path), parent)
+        merged = _deep_merge(merged, _read_yaml(ppath, seen + (path,)))
+    return _deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``model.num_layers=4`` -> (["model", "num_layers"], 4); values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. model.num_layers=4)")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = dict(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {} if nxt is None else dict(nxt) if isinstance(nxt, dict) else {}
+            else:
+                nxt = dict(nxt)
+            node[part] = nxt
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None,
+                world_size: int | None = None) -> ExperimentConfig:
+    """Defaults < YAML (with ``inherit:``) < dotted overrides, then validate.
+
+    Raises:
+        ConfigError: one line naming the offending key and what would be valid.
+    """
+    data = _read_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    cfg = _build(ExperimentConfig, data, "")
+    cfg.validate(world_size)
+    return cfg
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a config dataclass (``python -m launch.config`` prints them)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def main() -> None:  # pragma: no cover - convenience
+    """Print every config field with its default and docstring."""
+    import sys
+
+    for sec_field in dataclasses.fields(ExperimentConfig):
+        cls = typing.get_type_hints(ExperimentConfig)[sec_field.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        sys.stdout.write(f"{sec_field.name}:\n")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            sys.stdout.write(f"  {f.name} = {default!r}\n      {docs.get(f.name, '')}\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""bertforge model: megatron-core BERT with a per-layer choice of self-attention."""

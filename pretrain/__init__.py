@@ -1,0 +1,1 @@
+"""Pretraining loop, DeepSpeed wiring, checkpoints and metrics."""
