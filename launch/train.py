@@ -1,0 +1,63 @@
+"""Pretraining entry point.
+
+    deepspeed --num_gpus 2 launch/train.py --config configs/demo.yaml train.steps=100 model.num_layers=4
+
+On CPU set DS_ACCELERATOR=cpu (gloo). Also runs under torchrun, srun (see launch/slurm_env.py) or
+as a plain ``python launch/train.py`` (a world of one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "megatron"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*Apex.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    log = logging.getLogger("launch.train")
+
+    from data_pipeline.errors import DataError
+    from launch.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        from launch.distributed import init_distributed
+        from pretrain.trainer import Trainer
+
+        info = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.train.seed)
+        result = Trainer(cfg, info).train()
+    except (ConfigError, DataError, ValueError, FloatingPointError) as e:
+        log.debug("stopping", exc_info=True)
+        if rank == 0:
+            sys.stderr.write(f"error: {e}\n")
+        return 2
+    if rank == 0:
+        log.info("finished at step %d; val loss %s; run dir %s", result["step"],
+                 f"{result['val/loss']:.4f}" if "val/loss" in result else "n/a", cfg.train.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
