@@ -71,7 +71,41 @@ def config_from_dict(d: dict[str, Any], where: str = "model.attention") -> Atten
         if key not in hints:
             raise ValueError(f"{where}: unknown key {key!r} for attention {d['name']!r}; valid keys: {', '.join(names)}")
         kwargs[key] = _check_value(f"{where}.{key}", value, hints[key])
-    return ccls(**kwargs)
+    cfg = ccls(**kwargs)
+    object.__setattr__(cfg, "_where", where)
+    cfg.validate(where)
+    return cfg
+
+
+def layer_configs(attention: dict | AttentionConfig, layer_attention: list | None,
+                  num_layers: int) -> list[AttentionConfig]:
+    """One resolved attention config per layer: ``attention`` (the default), then the overrides
+    ``layer_attention`` (one entry or null per layer, or ``{layers: [first, last], name: ...}`` rules).
+
+    Raises:
+        ValueError: one line naming the bad key.
+    """
+    default = config_from_dict(attention, "model.attention")
+    per_layer: list[AttentionConfig] = [default] * num_layers
+    rules = layer_attention or []
+    if rules and all(r is None or "layers" not in r for r in rules):
+        if len(rules) != num_layers:
+            raise ValueError(f"model.layer_attention has {len(rules)} entries for {num_layers} layers; "
+                             "give one per layer (null keeps the default) or use {layers: [a, b], name: ...} rules")
+        for i, r in enumerate(rules):
+            if r is not None:
+                per_layer[i] = config_from_dict(r, f"model.layer_attention[{i}]")
+        return per_layer
+    for i, r in enumerate(rules):
+        r = dict(r)
+        span = r.pop("layers", None)
+        if not (isinstance(span, list) and len(span) == 2 and 0 <= span[0] <= span[1] < num_layers):
+            raise ValueError(f"model.layer_attention[{i}].layers={span!r} must be [first, last] with "
+                             f"0 <= first <= last < {num_layers}")
+        lc = config_from_dict(r, f"model.layer_attention[{i}]")
+        for j in range(span[0], span[1] + 1):
+            per_layer[j] = lc
+    return per_layer
 
 
 def _check_value(key: str, value: Any, tp: Any) -> Any:

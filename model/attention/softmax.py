@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model.attention.base import AttentionConfig, CoreAttention
+from model.attention.base import AttentionConfig, CoreAttention, check_qkv
 from model.attention.registry import register
 
 
@@ -27,6 +27,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns:
         [b, h, s, d].
     """
+    check_qkv("softmax", q, k, v, key_padding_mask)
     attn_mask = None
     if key_padding_mask is not None:
         # A row with no real key at all would softmax over nothing (NaN); let it see every key:

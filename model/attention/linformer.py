@@ -1,0 +1,121 @@
+"""Linformer (Wang et al. 2020): softmax attention over ``k`` sequence-axis projections of K and V.
+
+    head_i = softmax(Q_i (E_i K_i)^T / sqrt(d)) (F_i V_i),   E_i, F_i: [k, max_seq_len]
+
+Padded rows of K and V are zeroed before projecting, and a sequence shorter than max_seq_len uses
+the first ``n`` columns of E and F (for right padding both give the same result). The n x k scores
+are an ordinary SDPA call with no mask left (no padded columns remain).
+
+Sharing (``sharing``):
+    none        one E and one F per head (parameters [heads, k, max_seq_len] each)
+    headwise    one E and one F per layer, shared by all heads (default)
+    key-value   one matrix per layer, E = F
+    layerwise   one matrix for every layer, head, K and V. Tied across the layers of a megatron
+                model by the adapter (``share_key``/``tie_to``); a standalone module owns its own.
+
+Under tensor parallelism head-shared matrices are replicated on every rank; their gradient is summed
+over the tensor-parallel group through ``replicated_param_hook`` (set by the adapter).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention.base import AttentionConfig, CoreAttention, check_qkv
+from model.attention.registry import register
+
+
+@dataclass
+class LinformerConfig(AttentionConfig):
+    """Linformer attention fields (``model.attention: {name: linformer, k: 128, ...}``)."""
+
+    name: str = "linformer"
+    k: int = 128
+    """Projected length: rows of E and F (must be <= max_seq_len = model.max_position_embeddings)."""
+    sharing: Literal["none", "headwise", "key-value", "layerwise"] = "headwise"
+    """Which projections are shared: per head (none), per layer, E = F per layer, one for all layers."""
+    init_std: float = 0.0
+    """Std of the normal init of E and F; 0 means 1/sqrt(max_seq_len) (keeps K~ rows at K's scale)."""
+
+    def validate(self, where: str = "model.attention") -> None:
+        if self.k < 1:
+            raise ValueError(f"{where}.k={self.k} must be a positive integer")
+        if self.init_std < 0:
+            raise ValueError(f"{where}.init_std={self.init_std} must be >= 0")
+
+
+def linformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_padding_mask: torch.Tensor | None, E: torch.Tensor, F_: torch.Tensor,
+                        dropout_p: float = 0.0) -> torch.Tensor:
+    """Linformer attention.
+
+    Args:
+        q, k, v: [b, h, n, d].
+        key_padding_mask: bool [b, n], True = real token (None = all real).
+        E, F_: [k, N] (shared by heads) or [h, k, N] (per head) with N >= n; columns [:n] are used.
+        dropout_p: dropout on the n x k attention probabilities.
+
+    Returns:
+        [b, h, n, d].
+    """
+    check_qkv("linformer", q, k, v, key_padding_mask)
+    n = k.shape[2]
+    if E.shape[-1] < n or F_.shape[-1] < n:
+        raise ValueError(f"linformer: sequence length {n} exceeds max_seq_len {min(E.shape[-1], F_.shape[-1])} "
+                         "(columns of E/F); raise model.max_position_embeddings")
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, :, None].to(k.dtype)  # [b, 1, n, 1]
+        k, v = k * keep, v * keep
+    E, F_ = E[..., :n].to(k.dtype), F_[..., :n].to(v.dtype)
+    # [k, n] @ [b, h, n, d] or [h, k, n] @ [b, h, n, d] -> [b, h, k, d]
+    k_proj = torch.matmul(E, k)
+    v_proj = torch.matmul(F_, v)
+    return F.scaled_dot_product_attention(q, k_proj, v_proj, dropout_p=dropout_p,
+                                          scale=1.0 / math.sqrt(q.shape[-1]))
+
+
+@register("linformer", LinformerConfig)
+class LinformerAttention(CoreAttention):
+    """Linformer core attention owning its sequence projections E (and F)."""
+
+    cfg: LinformerConfig
+
+    def __init__(self, cfg: LinformerConfig, **dims) -> None:
+        super().__init__(cfg, **dims)
+        if cfg.k > self.max_seq_len:
+            raise ValueError(f"linformer: {cfg.where()}.k={cfg.k} exceeds max_seq_len={self.max_seq_len} "
+                             f"(model.max_position_embeddings); use k <= {self.max_seq_len}")
+        shape = (self.num_heads, cfg.k, self.max_seq_len) if cfg.sharing == "none" else (cfg.k, self.max_seq_len)
+        std = cfg.init_std or 1.0 / math.sqrt(self.max_seq_len)
+        self.E = nn.Parameter(torch.empty(shape).normal_(0.0, std))
+        if cfg.sharing in ("none", "headwise"):
+            self.F = nn.Parameter(torch.empty(shape).normal_(0.0, std))
+        else:
+            self.F = None
+
+    def share_key(self) -> object | None:
+        if self.cfg.sharing != "layerwise":
+            return None
+        return ("linformer", self.cfg.k, self.max_seq_len)
+
+    def tie_to(self, other: CoreAttention) -> None:
+        assert isinstance(other, LinformerAttention) and other.E.shape == self.E.shape
+        self.E = other.E
+
+    def forward(self, q, k, v, key_padding_mask):
+        if k.shape[2] > self.max_seq_len:
+            raise ValueError(f"linformer: sequence length {k.shape[2]} exceeds max_seq_len={self.max_seq_len}; "
+                             "raise model.max_position_embeddings")
+        E, F_ = self.E, self.F
+        if self.cfg.sharing != "none":  # replicated on every tensor-parallel rank: sum grads over TP
+            E = self.replicated_param_hook(E)
+            F_ = self.replicated_param_hook(F_) if F_ is not None else None
+        if F_ is None:  # key-value / layerwise: E = F
+            F_ = E
+        return linformer_attention(q, k, v, key_padding_mask, E, F_, self.dropout if self.training else 0.0)
