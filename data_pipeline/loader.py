@@ -59,6 +59,7 @@ from data_pipeline.tokenizer import sha256_file
 log = logging.getLogger(__name__)
 
 _PREPARE_HINT = "python -m data_pipeline.prepare --config <your config>"
+_warned: set[str] = set()
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +208,8 @@ class _Split:
             raise DataError(f"shards in {self.data_dir} hold seq_len={manifest['seq_len']} but data.seq_len="
                             f"{d.seq_len}; re-run `{_PREPARE_HINT}` or set data.seq_len={manifest['seq_len']}")
         changed = [k for k, v in manifest["data_config"].items() if getattr(d, k, v) != v and k != "seq_len"]
-        if changed:
+        if changed and self.data_dir not in _warned:
+            _warned.add(self.data_dir)
             log.warning("data config differs from the one %s was prepared with (%s); using the shards as they are",
                         os.path.join(self.data_dir, MANIFEST), ", ".join(changed))
         self.manifest = manifest

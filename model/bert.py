@@ -132,13 +132,32 @@ class BertMLM(BertModel):
         logits = logits.float()
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             loss = tensor_parallel.vocab_parallel_cross_entropy(logits, target.unsqueeze(1)).squeeze(1)
-            full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)  # [n, 1, V]
-            pred = full.squeeze(1).argmax(-1)
+            pred = _vocab_parallel_argmax(logits.squeeze(1).detach())
         else:
             loss = F.cross_entropy(logits.squeeze(1), target, reduction="none")
             pred = logits.squeeze(1).argmax(-1)
         n = torch.tensor(float(target.numel()), device=loss.device)
         return loss.sum(), n, (pred == target).sum().float()
+
+
+def _vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over a vocabulary split across the tensor-parallel group: [n, v/tp] -> [n] global ids.
+
+    Gathers only each rank's (max, index) pair with torch.distributed (megatron's gather helpers
+    allocate on CUDA, which CPU runs do not have).
+    """
+    import torch.distributed as dist
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    local_max, local_idx = logits.max(dim=-1)  # [n], [n]
+    offset = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    pair = torch.stack([local_max, (local_idx + offset).to(local_max.dtype)])  # [2, n]
+    gathered = [torch.empty_like(pair) for _ in range(tp)]
+    dist.all_gather(gathered, pair.contiguous(), group=group)
+    both = torch.stack(gathered)  # [tp, 2, n]
+    best = both[:, 0].argmax(dim=0)  # [n] which rank holds the max
+    return both[:, 1].gather(0, best[None]).squeeze(0).long()
 
 
 def build_model(cfg: ExperimentConfig, vocab_size: int) -> BertMLM:

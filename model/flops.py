@@ -209,7 +209,7 @@ def model_flops(experiment_cfg: Any, batch: int, seq_len: int, num_masked: int, 
     ln = 8.0 * D  # LayerNorm per token, forward (~2x backward)
     ffn_mm = 4.0 * tokens * D * ffn
     ffn_other = 8.0 * tokens * ffn + 2 * tokens * D  # GELU, bias, residual adds
-    rest_fwd = L * (ffn_mm + ffn_other + 2 * tokens * ln) + tokens * ln  # + embedding LayerNorm
+    rest_fwd = L * (ffn_mm + ffn_other + 2 * tokens * ln) + tokens * ln  # + the final LayerNorm
     rest_bwd = L * (2 * ffn_mm + ffn_other + 4 * tokens * ln) + 2 * tokens * ln
     head_mm = 2.0 * num_masked * D * D + 2.0 * num_masked * D * vocab
     head_other = num_masked * (ln + 8 * D + 5 * vocab)  # LN, GELU, cross entropy
@@ -240,7 +240,7 @@ def model_params(experiment_cfg: Any, vocab: int) -> dict[str, float]:
             shared[(c.name, getattr(c, "k", 0))] = p["core_shared"]
     attn += sum(shared.values())
     layer_rest = 2 * D * ffn + ffn + D + 4 * D  # FFN + two LayerNorms
-    embed = vocab * D + max_len * D + 2 * D + 2 * D  # words (tied with the output), positions, types, LN
+    embed = vocab * D + max_len * D + 2 * D  # words (tied with the output), positions, 2 token types
     head = D * D + D + 2 * D + vocab  # dense, LN, output bias
     rest = L * layer_rest + embed + head + 2 * D  # + final LayerNorm
     return dict(total=attn + rest, softmax_total=softmax_attn + rest, attention=attn,

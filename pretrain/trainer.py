@@ -167,9 +167,11 @@ class Trainer:
     # ---------------------------------------------------------------- train
     def train(self) -> dict:
         from data_pipeline.loader import build_train_loader
+        from model.attention.base import set_seed, set_step
 
         cfg, t = self.cfg, self.cfg.train
         self.maybe_resume()
+        set_seed(t.seed)
         loader = build_train_loader(cfg, self.dist.dp_rank, self.dist.dp_size, t.micro_batch_size,
                                     self.consumed_micro_batches)
         it = iter(loader)
@@ -183,6 +185,7 @@ class Trainer:
             self.metrics.text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```", self.step)
         while self.step < t.steps:
             grad_norm = None
+            set_step(self.step)  # hashed attentions draw (seed, layer, head, step)-keyed randomness
             for _ in range(t.gradient_accumulation_steps):
                 t0 = time.perf_counter()
                 batch = _to_device(next(it), self.dist.device)

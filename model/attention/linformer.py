@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from torch import nn
 
 from model.attention.base import AttentionConfig, CoreAttention, check_qkv
@@ -51,14 +51,14 @@ class LinformerConfig(AttentionConfig):
 
 
 def linformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        key_padding_mask: torch.Tensor | None, E: torch.Tensor, F_: torch.Tensor,
+                        key_padding_mask: torch.Tensor | None, E: torch.Tensor, F: torch.Tensor,
                         dropout_p: float = 0.0) -> torch.Tensor:
     """Linformer attention.
 
     Args:
         q, k, v: [b, h, n, d].
         key_padding_mask: bool [b, n], True = real token (None = all real).
-        E, F_: [k, N] (shared by heads) or [h, k, N] (per head) with N >= n; columns [:n] are used.
+        E, F: [k, N] (shared by heads) or [h, k, N] (per head) with N >= n; columns [:n] are used.
         dropout_p: dropout on the n x k attention probabilities.
 
     Returns:
@@ -66,17 +66,17 @@ def linformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     check_qkv("linformer", q, k, v, key_padding_mask)
     n = k.shape[2]
-    if E.shape[-1] < n or F_.shape[-1] < n:
-        raise ValueError(f"linformer: sequence length {n} exceeds max_seq_len {min(E.shape[-1], F_.shape[-1])} "
+    if E.shape[-1] < n or F.shape[-1] < n:
+        raise ValueError(f"linformer: sequence length {n} exceeds max_seq_len {min(E.shape[-1], F.shape[-1])} "
                          "(columns of E/F); raise model.max_position_embeddings")
     if key_padding_mask is not None:
         keep = key_padding_mask[:, None, :, None].to(k.dtype)  # [b, 1, n, 1]
         k, v = k * keep, v * keep
-    E, F_ = E[..., :n].to(k.dtype), F_[..., :n].to(v.dtype)
+    E, F = E[..., :n].to(k.dtype), F[..., :n].to(v.dtype)
     # [k, n] @ [b, h, n, d] or [h, k, n] @ [b, h, n, d] -> [b, h, k, d]
     k_proj = torch.matmul(E, k)
-    v_proj = torch.matmul(F_, v)
-    return F.scaled_dot_product_attention(q, k_proj, v_proj, dropout_p=dropout_p,
+    v_proj = torch.matmul(F, v)
+    return nnf.scaled_dot_product_attention(q, k_proj, v_proj, dropout_p=dropout_p,
                                           scale=1.0 / math.sqrt(q.shape[-1]))
 
 
