@@ -80,3 +80,29 @@ def test_bad_config_key_fails_in_one_line(runs, tiny_data, tmp_path):
     proc = launch(str(tmp_path / "bad"), tiny_data, "model.num_layer=2", nproc=1)
     assert proc.returncode != 0
     assert "unknown config key 'model.num_layer'" in proc.stderr
+
+
+VARIANT_RUNS = {
+    # name: (overrides, expected attention class per layer)
+    "shared_qkv": (["model.attention={name: shared_qkv}"], ["SharedQKVLinear"] * 2),
+    "yoso": (["model.attention={name: yoso, num_hashes: 8, hash_bits: 6}"], ["YosoAttention"] * 2),
+    "bert_lsh": (["model.attention={name: bert_lsh}"], ["BertLshAttention"] * 2),
+    "linformer": (["model.attention={name: linformer, k: 16}"], ["LinformerAttention"] * 2),
+    "hybrid": (["model.num_layers=3", "model.attention={name: yoso, num_hashes: 8, hash_bits: 6}",
+                "model.layer_attention=[{layers: [0, 0], name: softmax}, {layers: [2, 2], name: softmax}]"],
+               ["SoftmaxAttention", "YosoAttention", "SoftmaxAttention"]),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANT_RUNS))
+def test_variant_trains_under_the_launcher(runs, variant):
+    """Every variant (and a hybrid) trains 20 steps on 2 ranks with a finite falling loss, and each
+    layer holds the attention class the config names (no silent fallback to softmax)."""
+    overrides, classes = VARIANT_RUNS[variant]
+    run_dir, proc = runs.get(f"variant_{variant}", "train.steps=20", "train.save_every=0", *overrides)
+    ok(proc)
+    status = json.load(open(os.path.join(run_dir, "status.json")))
+    assert status["attention"] == classes
+    losses = [v for _, v in scalars(run_dir)["train/loss"]]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.2, losses
