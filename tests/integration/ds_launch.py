@@ -14,7 +14,7 @@ TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads
         "model.max_position_embeddings=64", "data.corpus=[demo_stdlib]", "data.vocab_size=512",
         "data.seq_len=64", "data.samples_per_shard=400", "data.val_fraction=0.05",
         "data.shuffle_buffer=200", "train.micro_batch_size=8", "train.lr=2e-3", "train.warmup_steps=4",
-        "train.log_every=2", "train.eval_every=10", "train.eval_batches=4", "train.save_every=10"]
+        "train.bf16=false", "train.log_every=2", "train.eval_every=10", "train.eval_batches=4", "train.save_every=10"]
 
 
 def env() -> dict:
