@@ -110,6 +110,10 @@ class TrainConfig:
     """Sequences per rank per forward/backward."""
     gradient_accumulation_steps: int = 1
     """Micro batches accumulated per optimizer step."""
+    global_batch_size: int = 0
+    """Sequences per optimizer step over all data-parallel ranks, as a check: when set (> 0) a launch is
+    refused unless micro_batch_size x gradient_accumulation_steps x data-parallel size equals it
+    (0 = whatever that product is)."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr: float = 0.0
@@ -146,6 +150,22 @@ class TrainConfig:
     """Checkpoints kept in run_dir/checkpoints (older ones are deleted)."""
     resume: bool = True
     """Resume from the latest checkpoint in run_dir when there is one."""
+    exit_after_minutes: float = 0.0
+    """Wall-clock budget of each training process, in minutes from its start (0 = none). When it is
+    spent, all ranks save a checkpoint, write run_dir/status.json ``{"state": "preempted"}`` and exit 0,
+    as for a stop signal; set it a few minutes below the job's time limit."""
+    max_nan_skips: int = 5
+    """A step whose loss or gradient norm is not finite (on any rank) is skipped: no weight update,
+    counted in train/skipped_steps. After this many skipped steps in a row, ``train.nan_policy`` acts."""
+    nan_policy: Literal["stop", "rollback"] = "stop"
+    """After train.max_nan_skips consecutive skipped steps: ``stop`` ends the run with state failed and
+    a one-line message; ``rollback`` reloads the last complete checkpoint on all ranks and goes on with
+    the batches after the offending ones (stopping if that happens twice without a checkpoint between)."""
+    load_universal: bool = False
+    """Resume through DeepSpeed's universal checkpoint format (``<tag>_universal``, converted with
+    ``python -m deepspeed.checkpoint.ds_to_universal`` when missing). Needed to resume with a different
+    data-parallel size (ZeRO 1 or 2, no tensor parallelism); the data order after such a change is
+    approximate (same epoch position, not the same remaining samples)."""
 
 
 @dataclass
@@ -165,6 +185,77 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Sequence classification after pretraining (``python -m pretrain.finetune --run RUN_DIR``).
+
+    The model and tokenizer come from the pretraining run; this section holds the task and the
+    fine-tuning hyper-parameters only.
+    """
+
+    task_name: str = ""
+    """Name of the task (output folder and logs); empty = the train file's folder name."""
+    train_file: str = ""
+    """Training examples: a local .tsv, .csv or .jsonl file (GLUE layout), read with ``datasets``."""
+    validation_file: str = ""
+    """Examples scored after every epoch and at the end (same columns as the train file)."""
+    test_file: str = ""
+    """Optional examples scored once at the end; without a label column, predictions are written."""
+    file_format: Literal["auto", "tsv", "csv", "jsonl"] = "auto"
+    """Format of the task files; auto = from the file extension (.tsv, .csv, .json/.jsonl)."""
+    column_names: list = field(default_factory=list)
+    """Column names of header-less TSV/CSV files (e.g. CoLA); empty = the first row is the header."""
+    text_column: str = "sentence"
+    """Column holding the (first) sentence."""
+    text_pair_column: str = ""
+    """Column holding the second sentence of sentence-pair tasks; empty = single-sentence task."""
+    label_column: str = "label"
+    """Column holding the class label."""
+    labels: list = field(default_factory=list)
+    """The label set in class-index order (values compared as strings); empty = the sorted distinct
+    labels of the train file. Labels outside the set in any file are an error."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """Start from the run's checkpoint, or from random weights of the same shape (a baseline)."""
+    checkpoint_tag: str = ""
+    """Checkpoint of the run to start from (e.g. global_step600); empty = the newest complete one."""
+    tokenizer: str = ""
+    """Tokenizer model; empty = the run's ``<data.data_dir>/tokenizer.model``. Must be the tokenizer the
+    checkpoint was pretrained with."""
+    max_seq_len: int = 0
+    """Tokens per example after truncation, [CLS] and [SEP]s included; 0 = model.max_position_embeddings."""
+    epochs: int = 3
+    """Passes over the train file."""
+    max_steps: int = 0
+    """Cap on optimizer steps; 0 = epochs * steps per epoch."""
+    micro_batch_size: int = 32
+    """Examples per rank per optimizer step."""
+    lr: float = 5.0e-5
+    """Peak learning rate (AdamW), linearly warmed up then linearly decayed to 0."""
+    warmup_ratio: float = 0.1
+    """Fraction of the optimizer steps spent warming up."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not on biases and norms)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping threshold (0 = off)."""
+    classifier_dropout: float = 0.1
+    """Dropout before the classification layer."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage of the fine-tuning run (0-3)."""
+    bf16: bool = False
+    """bf16 mixed precision (fp32 master weights)."""
+    eval_every: int = 0
+    """Evaluate on the validation file every N optimizer steps; 0 = after every epoch."""
+    log_every: int = 10
+    """Optimizer steps between train-loss log lines and TensorBoard points."""
+    seed: int = 42
+    """Seed of the classifier initialisation, the example order and dropout."""
+    output_dir: str = ""
+    """Where results.json, the TensorBoard events (tb/) and predictions go; empty =
+    ``<run_dir>/finetune/<task_name>`` (``..._random`` for init=random)."""
+    save_checkpoint: bool = False
+    """Also save the fine-tuned model as a DeepSpeed checkpoint under ``<output_dir>/checkpoints``."""
+
+
+@dataclass
 class ExperimentConfig:
     """The whole run: one section per concern."""
 
@@ -180,6 +271,8 @@ class ExperimentConfig:
     """Tensor parallelism."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed pass-through."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Sequence-classification fine-tuning after pretraining (pretrain.finetune)."""
 
     def validate(self, world_size: int | None = None) -> ExperimentConfig:
         """Check cross-field rules; raise ConfigError with one line naming the key."""
@@ -217,6 +310,10 @@ class ExperimentConfig:
             raise ConfigError(f"train.lr={t.lr} / train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
         if t.warmup_steps < 0 or t.save_every < 0 or t.eval_batches < 0:
             raise ConfigError("train.warmup_steps, train.save_every and train.eval_batches must be >= 0")
+        if t.exit_after_minutes < 0:
+            raise ConfigError(f"train.exit_after_minutes={t.exit_after_minutes} must be >= 0 (0 = no budget)")
+        if t.max_nan_skips < 1:
+            raise ConfigError(f"train.max_nan_skips={t.max_nan_skips} must be a positive integer")
         tp = p.tensor_model_parallel_size
         if m.num_attention_heads % tp:
             raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
@@ -224,22 +321,62 @@ class ExperimentConfig:
         if world_size is not None and world_size % tp:
             raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size={tp}; "
                               "launch a multiple of the TP degree or lower it")
+        if t.global_batch_size < 0:
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be >= 0 (0 = derived)")
+        if t.global_batch_size and world_size is not None:
+            dp = world_size // tp
+            got = t.micro_batch_size * t.gradient_accumulation_steps * dp
+            if got != t.global_batch_size:
+                raise ConfigError(
+                    f"train.global_batch_size={t.global_batch_size} but train.micro_batch_size={t.micro_batch_size} x "
+                    f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} x {dp} data-parallel rank(s) "
+                    f"= {got}; set train.gradient_accumulation_steps="
+                    f"{t.global_batch_size / (t.micro_batch_size * dp):g} or change the batch sizes")
         if not isinstance(m.attention, dict) or "name" not in m.attention:
             raise ConfigError("model.attention must be a mapping with a 'name' key, e.g. {name: softmax}")
         if m.layer_attention and isinstance(m.layer_attention, list):
             for i, rule in enumerate(m.layer_attention):
                 if rule is not None and not isinstance(rule, dict):
                     raise ConfigError(f"model.layer_attention[{i}] must be a mapping or null, got {rule!r}")
+        self._validate_finetune()
         return self
 
+    def _validate_finetune(self) -> None:
+        f = self.finetune
+        _positive(self, ["finetune.epochs", "finetune.micro_batch_size", "finetune.log_every"])
+        if f.max_steps < 0 or f.eval_every < 0:
+            raise ConfigError("finetune.max_steps and finetune.eval_every must be >= 0")
+        if f.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"finetune.zero_stage={f.zero_stage} is invalid; valid choices: 0, 1, 2, 3")
+        if f.lr <= 0:
+            raise ConfigError(f"finetune.lr={f.lr} must be > 0")
+        for key in ("warmup_ratio", "classifier_dropout"):
+            if not 0.0 <= getattr(f, key) < 1.0:
+                raise ConfigError(f"finetune.{key}={getattr(f, key)} must be in [0, 1)")
+        if f.weight_decay < 0 or f.grad_clip < 0:
+            raise ConfigError("finetune.weight_decay and finetune.grad_clip must be >= 0")
+        if f.max_seq_len and not 3 <= f.max_seq_len <= self.model.max_position_embeddings:
+            raise ConfigError(f"finetune.max_seq_len={f.max_seq_len} must be in [3, model.max_position_embeddings="
+                              f"{self.model.max_position_embeddings}] (0 = all positions)")
+
+    def model_shape(self) -> dict[str, Any]:
+        """The settings that shape the model's parameters, by dotted key (a checkpoint stores them so a
+        resume with other values can name what differs)."""
+        shape = {f"model.{k}": getattr(self.model, k) for k in _MODEL_SHAPE_KEYS}
+        shape["data.vocab_size"] = self.data.vocab_size
+        shape["parallel.tensor_model_parallel_size"] = self.parallel.tensor_model_parallel_size
+        return json.loads(json.dumps(shape, default=str))  # plain JSON values (lists, not tuples)
+
     def model_shape_hash(self) -> str:
-        """Hash of the fields that shape the model's parameters (used to refuse bad resumes)."""
-        keys = {k: getattr(self.model, k) for k in
-                ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                 "max_position_embeddings", "vocab_size", "attention", "layer_attention")}
+        """Hash of :meth:`model_shape` (used to refuse bad resumes)."""
+        keys = {k.split(".", 1)[1]: v for k, v in self.model_shape().items() if k.startswith("model.")}
         keys["data.vocab_size"] = self.data.vocab_size
         keys["tp"] = self.parallel.tensor_model_parallel_size
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def optimizer_settings(self) -> dict[str, Any]:
+        """Optimizer, schedule and batch settings by dotted key: a resume may change them (and logs it)."""
+        return {f"train.{k}": getattr(self.train, k) for k in _OPTIMIZER_KEYS}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -251,6 +388,13 @@ class ExperimentConfig:
         with open(tmp, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
         os.replace(tmp, path)
+
+
+_MODEL_SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                     "max_position_embeddings", "vocab_size", "attention", "layer_attention")
+_OPTIMIZER_KEYS = ("lr", "min_lr", "warmup_steps", "lr_decay", "weight_decay", "adam_beta1", "adam_beta2",
+                   "adam_eps", "grad_clip", "steps", "zero_stage", "bf16", "micro_batch_size",
+                   "gradient_accumulation_steps")
 
 
 def _positive(cfg: ExperimentConfig, keys: list[str]) -> None:

@@ -41,22 +41,45 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.errors import DataError
     from launch.config import ConfigError, load_config
 
+    cfg = trainer = None
     try:
         cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         from launch.distributed import init_distributed
         from pretrain.trainer import Trainer
 
         info = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.train.seed)
-        result = Trainer(cfg, info).train()
-    except (ConfigError, DataError, ValueError, FloatingPointError) as e:
+        trainer = Trainer(cfg, info)
+        result = trainer.train()  # writes status.json itself, "failed" included
+    except BaseException as e:
+        if cfg is not None and trainer is None and rank == 0:
+            _write_failed_status(cfg.train.run_dir, e)
+        if not isinstance(e, (ConfigError, DataError, ValueError, FloatingPointError, OSError)):
+            from pretrain.checkpoint import CheckpointError
+
+            if not isinstance(e, CheckpointError):
+                raise
         log.debug("stopping", exc_info=True)
         if rank == 0:
             sys.stderr.write(f"error: {e}\n")
         return 2
     if rank == 0:
-        log.info("finished at step %d; val loss %s; run dir %s", result["step"],
-                 f"{result['val/loss']:.4f}" if "val/loss" in result else "n/a", cfg.train.run_dir)
+        if result["state"] == "preempted":
+            log.info("preempted at step %d (%s); checkpoint %s; run dir %s", result["step"], result["reason"],
+                     result["checkpoint"], cfg.train.run_dir)
+        else:
+            log.info("finished at step %d; val loss %s; run dir %s", result["step"],
+                     f"{result['val/loss']:.4f}" if "val/loss" in result else "n/a", cfg.train.run_dir)
     return 0
+
+
+def _write_failed_status(run_dir: str, e: BaseException) -> None:
+    """status.json ``failed`` for errors before training started (the trainer writes its own)."""
+    try:
+        from pretrain.checkpoint import write_status
+
+        write_status(run_dir, {"state": "failed", "step": None, "error": f"{type(e).__name__}: {e}"})
+    except Exception:  # the status is a courtesy: never hide the original error
+        logging.getLogger("launch.train").debug("could not write status.json", exc_info=True)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -17,26 +19,90 @@ TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads
         "train.bf16=false", "train.log_every=2", "train.eval_every=10", "train.eval_batches=4", "train.save_every=10"]
 
 
-def env() -> dict:
+def env(extra: dict | None = None) -> dict:
     e = dict(os.environ)
     e["PATH"] = BIN + os.pathsep + e.get("PATH", "")
     e["PYTHONPATH"] = ROOT
     e["DS_ACCELERATOR"] = "cpu"
     e.setdefault("OMP_NUM_THREADS", "1")
+    e.pop("BERTFORGE_FAULT_INJECT", None)  # fault injection only where a test asks for it
+    e.update(extra or {})
     return e
 
 
-def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: int = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(extra_env), capture_output=True, text=True, timeout=timeout)
     return proc
 
 
-def launch(run_dir: str, data_dir: str, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    """The real deepspeed launcher, `nproc` CPU ranks."""
-    cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_port()),
-           "launch/train.py", "--config", "configs/demo.yaml", *TINY,
-           f"data.data_dir={data_dir}", f"train.run_dir={run_dir}", *overrides]
-    return run(cmd)
+def launch_cmd(run_dir: str, data_dir: str, *overrides: str, nproc: int = 2) -> list[str]:
+    return [os.path.join(BIN, "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_port()),
+            "launch/train.py", "--config", "configs/demo.yaml", *TINY,
+            f"data.data_dir={data_dir}", f"train.run_dir={run_dir}", *overrides]
+
+
+def launch(run_dir: str, data_dir: str, *overrides: str, nproc: int = 2,
+           extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real deepspeed launcher, `nproc` CPU ranks (``extra_env``: e.g. BERTFORGE_FAULT_INJECT)."""
+    return run(launch_cmd(run_dir, data_dir, *overrides, nproc=nproc), extra_env=extra_env)
+
+
+class Background:
+    """A launch running in the background, its output going to ``<log>`` (read while it runs)."""
+
+    def __init__(self, run_dir: str, data_dir: str, *overrides: str, nproc: int = 2, log: str,
+                 extra_env: dict | None = None) -> None:
+        self.log_path = log
+        self._log = open(log, "w")
+        self.proc = subprocess.Popen(launch_cmd(run_dir, data_dir, *overrides, nproc=nproc), cwd=ROOT,
+                                     env=env(extra_env), stdout=self._log, stderr=subprocess.STDOUT, text=True)
+
+    def output(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> re.Match:
+        """Poll the output for the regular expression ``pattern``; fail if the launch ends first."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            m = re.search(pattern, self.output())
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                raise AssertionError(f"launch ended (rc {self.proc.returncode}) before {pattern!r}:\n"
+                                     + self.output()[-4000:])
+            time.sleep(0.2)
+        raise AssertionError(f"no {pattern!r} within {timeout}s:\n" + self.output()[-4000:])
+
+    def worker_pid(self, local_rank: int) -> int:
+        """The pid of the training process of ``local_rank`` (a grandchild of the deepspeed runner)."""
+        import psutil
+
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                cmd = child.cmdline()
+            except psutil.Error:
+                continue
+            if any(c.endswith("launch/train.py") for c in cmd) and f"--local_rank={local_rank}" in cmd:
+                return child.pid
+        raise AssertionError(f"no worker with --local_rank={local_rank} under pid {self.proc.pid}")
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        """End the launch and its workers (cleanup after a failed test)."""
+        import psutil
+
+        if self.proc.poll() is None:
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                child.kill()
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
 
 
 def _port() -> int:
