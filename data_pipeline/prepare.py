@@ -45,10 +45,11 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TOKENIZER_PREFIX = "tokenizer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: documents are written in a hashed (shuffled) order
 SPLITS = ("train", "val")
 SAMPLE_KEY = "ids.npy"
 _SPLIT_SALT = "bertforge-val-split"
+_ORDER_SALT = "bertforge-document-order"
 _SHARD_RE = re.compile(r"^(train|val)-\d{6}\.tar$")
 _DATA_FIELDS = ("corpus", "corpus_max_mb", "vocab_size", "tokenizer_type", "tokenizer_sample_mb",
                 "seq_len", "val_fraction", "samples_per_shard")
@@ -307,6 +308,11 @@ def prepare_data(cfg, force: bool = False) -> dict:
     timings["corpus"] = time.perf_counter() - t
     t = time.perf_counter()
     labels = split_documents(docs, cfg.val_fraction)
+    # Sources arrive grouped (one package's docstrings after another); the loader only shuffles
+    # shards and a buffer, so without this a stretch of training would see one domain at a time.
+    # A hashed order is a stable shuffle: the same corpus always gives the same shards.
+    order = sorted(range(len(docs)), key=lambda i: unit_hash(docs[i], _ORDER_SALT))
+    docs, labels = [docs[i] for i in order], [labels[i] for i in order]
     train_docs = [d for d, s in zip(docs, labels) if s == "train"]
     timings["split"] = time.perf_counter() - t
     t = time.perf_counter()
