@@ -15,6 +15,7 @@ that fails (disk full, permission) is reported on every rank, its partial direct
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -308,10 +309,8 @@ def comm_device() -> torch.device:
 def _discard(ckpt_dir: str, tag: str) -> None:
     """Remove a tag directory: marker first, so a crash half-way leaves an incomplete checkpoint."""
     path = os.path.join(ckpt_dir, tag)
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(path, MARKER))
-    except FileNotFoundError:
-        pass
     shutil.rmtree(path, ignore_errors=True)
     shutil.rmtree(path + UNIVERSAL_SUFFIX, ignore_errors=True)
 
@@ -369,8 +368,8 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int, i
             if previous:  # `latest` may be the half-replaced one: point it back
                 try:
                     _atomic_write(os.path.join(ckpt_dir, LATEST), previous)
-                except OSError:
-                    pass
+                except OSError as e:
+                    logger.error("could not restore %s to %s: %s", LATEST, previous, e)
             logger.error("checkpoint %s was NOT saved (%s); the previous checkpoint %s stays valid",
                          tag_dir, guard.errors[0], previous or "(none)")
         barrier()

@@ -9,6 +9,7 @@ SIGUSR1 to the workers (``--signal=USR1@600`` to the step) or touches the stop f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -84,7 +85,5 @@ class StopRequest:
     def consume_stop_file(self) -> None:
         """Remove the stop file once acted on, so the requeued job runs (status.json says what happened)."""
         if self.check_file:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(self.stop_file)
-            except FileNotFoundError:
-                pass
