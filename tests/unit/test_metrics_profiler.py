@@ -3,39 +3,10 @@ hook) against DeepSpeed's flops profiler on the same training step of the softma
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 
 from pretrain.compute import FLOP_FIELDS, FlopsTracker
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    """gloo world of 1 with megatron parallel_state (kept when another test set it up already)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    started = False
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        started = True
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    yield
-    if started:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("layers,hidden,heads,seq", [(2, 64, 4, 64), (2, 128, 4, 128)])
