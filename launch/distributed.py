@@ -81,6 +81,8 @@ def init_distributed(tensor_model_parallel_size: int = 1, seed: int = 0) -> Dist
     if accel.device_name() == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        if accel.device_name() == "cpu":
+            _skip_deepspeed_shm_op()
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size, 1)
@@ -99,6 +101,21 @@ def init_distributed(tensor_model_parallel_size: int = 1, seed: int = 0) -> Dist
     logger.info("distributed: rank %d/%d, tp %d/%d, dp %d/%d, backend %s, device %s", info.rank, info.world_size,
                 info.tp_rank, info.tp_size, info.dp_rank, info.dp_size, dist.get_backend(), device)
     return info
+
+
+def _skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory all-reduce op at init.
+
+    On the CPU accelerator ``deepspeed.init_distributed`` compiles ``deepspeed_shm_comm`` with g++
+    into ~/.cache/torch_extensions and maps a 69 MB /dev/shm file per rank that it never unlinks.
+    Training does not use it (its all-reduces go through the gloo process group; only
+    ``inference_all_reduce`` would), and it costs: a compile on every new machine, 69 MB of RAM
+    leaked per rank per launch until reboot, and a process killed mid-build leaves torch's build
+    lock behind, after which every later launch waits on that lock forever.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def all_reduce_sum(values: list[float] | torch.Tensor, group=None) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -30,9 +31,27 @@ def env(extra: dict | None = None) -> dict:
     return e
 
 
+_HUNG: list[str] = []  # the first command that ran past its timeout: later ones fail at once
+
+
 def run(cmd: list[str], timeout: int = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(extra_env), capture_output=True, text=True, timeout=timeout)
-    return proc
+    """Run ``cmd`` in its own process group; past ``timeout`` kill the whole group (the launcher's
+    workers too) and fail, and fail every later call at once, so one hang costs one timeout, not
+    one per test (a stale build lock once made every launch of a CI run wait until killed)."""
+    import pytest
+
+    if _HUNG:
+        pytest.fail(f"skipped: an earlier command hung past its timeout: {_HUNG[0]}")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        _HUNG.append(" ".join(cmd[:4]) + " ...")
+        pytest.fail(f"{' '.join(cmd)} ran past {timeout}s; its output:\n{out[-3000:]}\n---stderr---\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def launch_cmd(run_dir: str, data_dir: str, *overrides: str, nproc: int = 2) -> list[str]:
