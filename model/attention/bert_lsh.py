@@ -18,6 +18,12 @@ Gradients reach q and k only through colliding (upper-triangle, for ``code``) pa
 gradient; hashing is not differentiated. Vectorized over batch, heads and tables (no Python loops).
 Randomness: hyperplanes and coefficients per head from generators keyed by (seed, layer, global head,
 step), shared by every sequence of the batch (the released code redraws per (batch, head) and call).
+
+Implementations (``impl``, see model/kernels/): ``torch`` row-blocks the computation with a recomputing
+backward (O(block * n) memory, model/kernels/lsh_torch.py), ``triton`` is a flash-style kernel that
+builds the collision-masked logits from the codes on the fly (model/kernels/lsh_triton.py),
+``reference`` is the dense code below; ``auto`` picks triton on CUDA, torch elsewhere. All hash the
+same way, so they agree up to floating-point rounding (dropout masks differ between them).
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ import torch
 
 from model.attention.base import AttentionConfig, CoreAttention, check_qkv, sample_per_head
 from model.attention.registry import register
+from model.kernels.dispatch import Impl, load, resolve_impl
+
+_MIB = 1 << 20
 
 
 @dataclass
@@ -45,11 +54,18 @@ class BertLshConfig(AttentionConfig):
     """Hash tables L (OR across tables for ``code``, AND for ``paper``)."""
     semantics: Literal["code", "paper"] = "code"
     """``code``: the released code (zero logits, symmetric fill); ``paper``: sparse AND-collisions."""
+    impl: Impl = "auto"
+    """``auto`` (Triton on CUDA, else torch), ``triton`` (flash-style kernel; CUDA, or CPU under
+    TRITON_INTERPRET=1), ``torch`` (row-blocked, O(block * n) memory), ``reference`` (dense n x n, debugging)."""
+    max_memory_mb: float = 256.0
+    """Cap on the transient workspace of the ``torch`` path (sets its row block), in MiB."""
 
     def validate(self, where: str = "model.attention") -> None:
         for key in ("bands", "table_size", "num_hashes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{where}.{key}={getattr(self, key)} must be a positive integer")
+        if self.max_memory_mb <= 0:
+            raise ValueError(f"{where}.max_memory_mb={self.max_memory_mb} must be > 0")
 
 
 def sample_lsh_params(cfg: BertLshConfig, num_heads: int, head_dim: int,
@@ -108,6 +124,17 @@ def bert_lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b, h, n, d = q.shape
     if hyperplanes is None or coefficients is None:
         hyperplanes, coefficients = sample_lsh_params(cfg, h, d, generator, q.device)
+    impl = resolve_impl(cfg.impl, q.device, cfg.where(), "bert_lsh", d)
+    if impl != "reference":
+        with torch.no_grad():
+            cq = lsh_codes(q.detach(), hyperplanes, coefficients, cfg.table_size)
+            ck = lsh_codes(k.detach(), hyperplanes, coefficients, cfg.table_size)
+        if impl == "torch":
+            from model.kernels.lsh_torch import bert_lsh_blocked
+
+            return bert_lsh_blocked(q, k, v, cq, ck, key_padding_mask, cfg.semantics, dropout_p,
+                                    int(cfg.max_memory_mb * _MIB))
+        return load("lsh_triton").bert_lsh_triton(q, k, v, cq, ck, key_padding_mask, cfg.semantics, dropout_p)
     with torch.no_grad():
         coll = collisions(lsh_codes(q.detach(), hyperplanes, coefficients, cfg.table_size),
                           lsh_codes(k.detach(), hyperplanes, coefficients, cfg.table_size), cfg.semantics)

@@ -25,6 +25,13 @@ Autograd carries dQ^, dK^ through the normalizations. Everything runs in fp32 (a
 
 Randomness: hyperplanes per head from generators keyed by (seed, layer, global head, step), shared
 by every sequence of the batch (the reference code draws per (batch, head) and call).
+
+Implementations (``impl``, see model/kernels/): ``torch`` (sampling) cumulates with per-hash scatter +
+``embedding_bag`` and runs the surrogate dQ/dK backward over bucket-sorted tiles, cost ~ colliding pairs
+(model/kernels/yoso_torch.py); ``triton`` fuses hashing with the table build / gather and runs the
+backward (and YOSO-E) as dense tiles with on-the-fly weights (model/kernels/yoso_triton.py);
+``reference`` is the code below; ``auto`` picks triton on CUDA, torch elsewhere. YOSO-E and the exact
+backward use the dense blocked code below on CPU. All hash the same way, so they agree up to rounding.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from torch import nn
 
 from model.attention.base import AttentionConfig, CoreAttention, check_qkv, sample_per_head
 from model.attention.registry import register
+from model.kernels.dispatch import Impl, load, resolve_impl
 
 _MIB = 1 << 20
 _EXACT_SCALE = 0.99  # x -> 0.99 x inside the exact derivative keeps 1/sqrt(1 - x^2) <= 7.1
@@ -63,6 +71,9 @@ class YosoConfig(AttentionConfig):
     """dQ/dK: the bounded surrogate tau/2 B(x), or the exact derivative B'(0.99 x)."""
     max_memory_mb: float = 1024.0
     """Cap on the transient workspace (hash tables, n x block backward weights), in MiB."""
+    impl: Impl = "auto"
+    """``auto`` (Triton on CUDA, else torch), ``triton`` (fused kernels; CUDA, or CPU under
+    TRITON_INTERPRET=1), ``torch`` (fast vectorized PyTorch), ``reference`` (the plain PyTorch code, debugging)."""
 
     def validate(self, where: str = "model.attention") -> None:
         if self.num_hashes < 1:
@@ -219,28 +230,36 @@ class _YosoFunction(torch.autograd.Function):
     def backward(ctx, dy):
         qn, kn, v, mask, codes_q, codes_k = ctx.saved_tensors
         tau, expectation, exact, max_bytes = ctx.cfg
-        b, h, n, d = v.shape
-        dy = dy.to(v.dtype)
-        dq, dk, dv = torch.zeros_like(qn), torch.zeros_like(kn), torch.zeros_like(v)
-        mk = mask[:, None, None, :]
-        blk = _row_block(b, h, n, max_bytes)
-        for i in range(0, n, blk):
-            sl = slice(i, i + blk)
-            qb, dyb = qn[:, :, sl], dy[:, :, sl] * mask[:, None, sl, None]
-            x = qb @ kn.transpose(-1, -2) if (expectation or exact) else None  # [b, h, r, n]
-            w = collision_probability(x, tau) if expectation else _sampled_weights(codes_q[:, :, sl], codes_k, v.dtype)
-            w = w * mk
-            dv += w.transpose(-1, -2) @ dyb
-            if exact:
-                wd = collision_probability_grad(x, tau) * mk
-                if not expectation:
-                    wd = wd * (w > 0)
-            else:
-                wd = (tau / 2) * w
-            a = wd * (dyb @ v.transpose(-1, -2))  # [b, h, r, n]
-            dq[:, :, sl] = a @ kn
-            dk += a.transpose(-1, -2) @ qb
+        dq, dk, dv = dense_grads(qn, kn, v, mask, codes_q, codes_k, dy.to(v.dtype), tau, expectation, exact,
+                                 max_bytes)
         return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def dense_grads(qn: torch.Tensor, kn: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                codes_q: torch.Tensor, codes_k: torch.Tensor, dy: torch.Tensor, tau: int, expectation: bool,
+                exact: bool, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ^, dK^, dV of Y = W V, computed densely in query blocks (O(n^2) time, O(block * n) memory)."""
+    b, h, n, d = v.shape
+    dq, dk, dv = torch.zeros_like(qn), torch.zeros_like(kn), torch.zeros_like(v)
+    mk = mask[:, None, None, :]
+    blk = _row_block(b, h, n, max_bytes)
+    for i in range(0, n, blk):
+        sl = slice(i, i + blk)
+        qb, dyb = qn[:, :, sl], dy[:, :, sl] * mask[:, None, sl, None]
+        x = qb @ kn.transpose(-1, -2) if (expectation or exact) else None  # [b, h, r, n]
+        w = collision_probability(x, tau) if expectation else _sampled_weights(codes_q[:, :, sl], codes_k, v.dtype)
+        w = w * mk
+        dv += w.transpose(-1, -2) @ dyb
+        if exact:
+            wd = collision_probability_grad(x, tau) * mk
+            if not expectation:
+                wd = wd * (w > 0)
+        else:
+            wd = (tau / 2) * w
+        a = wd * (dyb @ v.transpose(-1, -2))  # [b, h, r, n]
+        dq[:, :, sl] = a @ kn
+        dk += a.transpose(-1, -2) @ qb
+    return dq, dk, dv
 
 
 def yoso_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -273,6 +292,9 @@ def yoso_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         mask = (torch.ones(b, n, device=q.device, dtype=ct) if key_padding_mask is None
                 else key_padding_mask.to(ct))
         qn, kn = F.normalize(q, p=2.0, dim=-1), F.normalize(k, p=2.0, dim=-1)
+        impl = resolve_impl(cfg.impl, q.device, where, "yoso", d)
+        exact = cfg.backward == "exact"
+        params = None
         if cfg.expectation:
             codes_q = codes_k = torch.empty(0, dtype=torch.int64, device=q.device)
         else:
@@ -280,11 +302,20 @@ def yoso_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 raise _too_big(cfg.hash_bits, b, h, d, max_bytes, where)
             params = hash_params if hash_params is not None else sample_hash_params(cfg, h, d, generator, q.device)
             params = params.to(ct)
-            with torch.no_grad():
-                codes_q = hash_codes(qn, params, cfg.num_hashes, cfg.hash_bits)
-                codes_k = hash_codes(kn, params, cfg.num_hashes, cfg.hash_bits)
-        y = _YosoFunction.apply(qn, kn, v, mask, codes_q, codes_k, cfg.hash_bits, cfg.expectation,
-                                cfg.backward == "exact", max_bytes, where)
+            if impl != "triton":
+                with torch.no_grad():
+                    codes_q = hash_codes(qn, params, cfg.num_hashes, cfg.hash_bits)
+                    codes_k = hash_codes(kn, params, cfg.num_hashes, cfg.hash_bits)
+        if impl == "triton":
+            y = load("yoso_triton").yoso_triton(qn, kn, v, mask, params, cfg.num_hashes, cfg.hash_bits,
+                                                cfg.expectation, exact, max_bytes)
+        elif impl == "torch" and not cfg.expectation:
+            from model.kernels.yoso_torch import yoso_sampled
+
+            y = yoso_sampled(qn, kn, v, mask, codes_q, codes_k, cfg.hash_bits, exact, max_bytes)
+        else:  # reference, and YOSO-E on CPU (already blocked: O(block * n) memory)
+            y = _YosoFunction.apply(qn, kn, v, mask, codes_q, codes_k, cfg.hash_bits, cfg.expectation,
+                                    exact, max_bytes, where)
         out = F.normalize(y, p=2.0, dim=-1, eps=1e-12) if normalize else y
         if conv_weight is not None:
             w = conv_weight.shape[2]

@@ -1,0 +1,136 @@
+"""The CPU paths (impl: torch) against the fp64 references: same numbers, bounded workspace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_helpers import F64, padding_mask, randn, rel_err
+
+from model.attention import reference as ref
+from model.attention.bert_lsh import BertLshConfig, bert_lsh_attention, lsh_codes
+from model.attention.yoso import YosoConfig, yoso_attention
+from model.kernels import lsh_torch, yoso_torch
+
+
+def _lsh_case(semantics, b=2, h=2, n=11, d=6, tables=2, bands=2, size=3, seed=3):
+    q, k, v = (randn(b, h, n, d, seed=seed + i) for i in range(3))
+    q[0, 1, 3] = 0  # an exact-zero projection gives bit 0
+    g = torch.Generator().manual_seed(seed)
+    planes = torch.randn(h, tables, bands, d, generator=g, dtype=F64)
+    coeffs = torch.randint(0, size, (h, tables, bands), generator=g)
+    cfg = BertLshConfig(bands=bands, table_size=size, num_hashes=tables, semantics=semantics)
+    return q, k, v, planes, coeffs, cfg
+
+
+@pytest.mark.parametrize("semantics", ["code", "paper"])
+@pytest.mark.parametrize("max_bytes", [1 << 30, 2000])  # probabilities kept / tiles of 2-3 rows, recomputed
+def test_bert_lsh_blocked_matches_loop_port_forward_and_backward(semantics, max_bytes):
+    q, k, v, planes, coeffs, cfg = _lsh_case(semantics)
+    mask = padding_mask(2, 11, (11, 6))
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    want = ref.bert_lsh_reference(*leaves, mask, planes, coeffs, 3, semantics)
+    dy = randn(*want.shape, seed=9)
+    grads_want = torch.autograd.grad(want, leaves, dy)
+    cq, ck = lsh_codes(q, planes, coeffs, 3), lsh_codes(k, planes, coeffs, 3)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    got = lsh_torch.bert_lsh_blocked(*leaves, cq, ck, mask, semantics, max_bytes=max_bytes)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(torch.autograd.grad(got, leaves, dy), grads_want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("semantics", ["code", "paper"])
+def test_bert_lsh_fully_padded_sequence_and_rows_without_collisions(semantics):
+    q, k, v, planes, coeffs, cfg = _lsh_case(semantics, n=9, tables=1, bands=3, size=8)
+    mask = padding_mask(2, 9, (9, 0))  # the second sequence is all padding
+    want = bert_lsh_attention(q, k, v, mask, BertLshConfig(**{**cfg.__dict__, "impl": "reference"}),
+                              hyperplanes=planes, coefficients=coeffs)
+    cq, ck = lsh_codes(q, planes, coeffs, 8), lsh_codes(k, planes, coeffs, 8)
+    got = lsh_torch.bert_lsh_blocked(q, k, v, cq, ck, mask, semantics, max_bytes=1500)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if semantics == "paper":
+        assert (got[1] == 0).all()
+
+
+def test_bert_lsh_blocked_dropout_gradients_are_consistent():
+    """With the default generator seeded, forward and backward regenerate the same dropout masks."""
+    q, k, v, planes, coeffs, _ = _lsh_case("code", b=1, n=7, d=4)
+    mask = padding_mask(1, 7, (5,))
+    cq, ck = lsh_codes(q, planes, coeffs, 3), lsh_codes(k, planes, coeffs, 3)
+
+    def f(q, k, v):
+        torch.manual_seed(0)
+        return lsh_torch.bert_lsh_blocked(q, k, v, cq, ck, mask, "code", dropout_p=0.3, max_bytes=600)
+
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    assert torch.autograd.gradcheck(f, leaves)
+    no_drop = lsh_torch.bert_lsh_blocked(q, k, v, cq, ck, mask, "code")
+    assert not torch.allclose(f(q, k, v), no_drop)
+
+
+def test_bert_lsh_tiling_respects_the_budget():
+    for bh, n, budget in [(12, 8192, 256 << 20), (96, 512, 256 << 20), (2, 100, 4000), (1, 10, 1)]:
+        heads, rows = lsh_torch.tiling(bh, n, 4, budget)
+        assert 1 <= heads <= bh and 1 <= rows <= n
+        assert heads * rows * n * 4 * lsh_torch._WORK_TENSORS <= max(budget, n * 4 * lsh_torch._WORK_TENSORS)
+
+
+@pytest.mark.parametrize("max_bytes", [1 << 30, 4000])  # one chunk of hashes / one hash at a time
+def test_yoso_cumulation_matches_dict_tables(max_bytes):
+    g = torch.Generator().manual_seed(2)
+    b, h, n, d, m, tau = 2, 2, 13, 5, 6, 3
+    cq = torch.randint(0, 1 << tau, (b, h, n, m), generator=g)
+    ck = torch.randint(0, 1 << tau, (b, h, n, m), generator=g)
+    v = randn(b, h, n, d, seed=1)
+    mask = padding_mask(b, n, (13, 0))
+    out = yoso_torch.cumulation(cq, ck, v, mask.to(F64), tau, max_bytes)
+    torch.testing.assert_close(out, ref.yoso_cumulation_reference(cq, ck, v, mask), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("tiles", "max_bytes"), [((32, 64), 1 << 30), ((4, 8), 1 << 30), ((2, 3), 30000)])
+def test_yoso_sorted_surrogate_backward_matches_pairwise_formula(tiles, max_bytes):
+    g = torch.Generator().manual_seed(4)
+    b, h, n, d, m, tau = 2, 2, 21, 4, 5, 2
+    qn, kn = (torch.nn.functional.normalize(randn(b, h, n, d, seed=s), dim=-1) for s in (1, 2))
+    v, dy = randn(b, h, n, d, seed=3), randn(b, h, n, d, seed=4)
+    cq = torch.randint(0, 1 << tau, (b, h, n, m), generator=g)
+    ck = torch.randint(0, 1 << tau, (b, h, n, m), generator=g)
+    mask = padding_mask(b, n, (21, 13))
+    dq, dk = yoso_torch.surrogate_grads_sorted(qn, kn, v, dy, cq, ck, mask.to(F64), tau, max_bytes, *tiles)
+    want_q, want_k, want_v = ref.yoso_grad_reference(qn, kn, v, dy, mask, tau, cq, ck)
+    torch.testing.assert_close(dq, want_q, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dk, want_k, rtol=1e-10, atol=1e-12)
+    leaves = [t.clone().requires_grad_(True) for t in (qn, kn, v)]
+    yoso_torch.yoso_sampled(*leaves, mask.to(F64), cq, ck, tau, False, max_bytes).backward(dy)
+    for got, want in zip(leaves, (want_q, want_k, want_v)):
+        torch.testing.assert_close(got.grad, want, rtol=1e-10, atol=1e-12)
+
+
+def test_yoso_backward_picks_sorted_tiles_for_spread_codes_and_dense_for_peaked_ones():
+    g = torch.Generator().manual_seed(0)
+    b, h, n, m, tau = 1, 2, 1024, 32, 9
+    mask = torch.ones(b, n, dtype=F64)
+    spread = torch.randint(0, 1 << tau, (b, h, n, m), generator=g)
+    peaked = torch.zeros(b, h, n, m, dtype=torch.int64)  # every query and key in one bucket
+    assert yoso_torch.use_sorted(spread, spread, mask, tau)
+    assert not yoso_torch.use_sorted(peaked, peaked, mask, tau)  # m times the dense work
+    items, plans = yoso_torch.plan_sorted(spread, spread, mask, tau, 1 << 30)
+    assert items == yoso_torch.sorted_cost(spread, spread, mask, tau) and len(plans) == 1
+    assert yoso_torch.plan_sorted(spread, spread, mask, tau, 1 << 20)[1] is None  # chunked: not kept
+
+
+@pytest.mark.parametrize("backward", ["surrogate", "exact"])
+def test_yoso_torch_impl_equals_reference_impl(backward):
+    """Through yoso_attention: same codes, same outputs and gradients (the sorted path at this size)."""
+    q, k, v = (randn(1, 2, 300, 8, seed=s) for s in range(3))
+    q = q + k  # correlated: informative collisions
+    mask = padding_mask(1, 300, (280,))
+    outs = []
+    for impl in ("reference", "torch"):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        cfg = YosoConfig(num_hashes=6, hash_bits=4, backward=backward, impl=impl)
+        out = yoso_attention(*leaves, mask, cfg, torch.Generator().manual_seed(1))
+        out.backward(randn(*out.shape, seed=7) * mask[:, None, :, None])
+        outs.append((out.detach(), *(t.grad for t in leaves)))
+    for got, want in zip(outs[1], outs[0]):
+        assert rel_err(got, want) < 1e-10
