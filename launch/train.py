@@ -12,20 +12,10 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 
-
-def setup_logging(rank: int) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "megatron"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*Apex.*")
-    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+from launch.cli import error_exit, setup_logging  # noqa: E402  (setup_logging re-exported)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,10 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if not isinstance(e, CheckpointError):
                 raise
-        log.debug("stopping", exc_info=True)
-        if rank == 0:
-            sys.stderr.write(f"error: {e}\n")
-        return 2
+        return error_exit(e, rank)
     if rank == 0:
         if result["state"] == "preempted":
             log.info("preempted at step %d (%s); checkpoint %s; run dir %s", result["step"], result["reason"],

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    from launch.train import setup_logging
+    from launch.cli import error_exit, setup_logging
 
     setup_logging(rank)
     from data_pipeline.errors import DataError
@@ -132,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_mlm(model, cfg, ranks, dp_size, mb, args.max_batches, info.device,
                               data_parallel_group() if info.dp_size > 1 else None)
     except (CheckpointError, ConfigError, DataError, ValueError) as e:
-        logger.debug("stopping", exc_info=True)
-        if rank == 0:
-            sys.stderr.write(f"error: {e}\n")
-        return 2
+        return error_exit(e, rank)
     if rank == 0:
         out = {"run": ck.run_dir, "checkpoint": ck.path, "step": ck.step, "zero_stage": ck.zero_stage,
                "attention": [c.name for c in layer_attention_configs(cfg)],

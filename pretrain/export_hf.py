@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-verify", action="store_true", help="skip reloading the export and comparing logits")
     parser.add_argument("--atol", type=float, default=1e-4, help="largest logit difference accepted by the check")
     args = parser.parse_args(argv)
-    from launch.train import setup_logging
+    from launch.cli import error_exit, setup_logging
 
     setup_logging(0)
     from data_pipeline.errors import DataError
@@ -293,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = export(args.run, args.out, args.tag, args.tokenizer, not args.no_verify, args.atol)
     except (CheckpointError, ExportError, DataError) as e:
-        logger.debug("stopping", exc_info=True)
-        sys.stderr.write(f"error: {e}\n")
-        return 2
+        return error_exit(e)
     logger.info("exported %s (step %d) to %s", info["checkpoint"], info["step"], args.out)
     sys.stdout.write(json.dumps({"out": os.path.abspath(args.out), **info}, indent=1) + "\n")
     return 0

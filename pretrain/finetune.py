@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="finetune.* overrides, e.g. finetune.train_file=train.tsv")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    from launch.train import setup_logging
+    from launch.cli import error_exit, setup_logging
 
     setup_logging(rank)
     from data_pipeline.errors import DataError
@@ -596,10 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = finetune(args.run, args.config, args.overrides)
     except (TaskError, CheckpointError, ConfigError, DataError) as e:
-        logger.debug("stopping", exc_info=True)
-        if rank == 0:
-            sys.stderr.write(f"error: {e}\n")
-        return 2
+        return error_exit(e, rank)
     if rank == 0:
         sys.stdout.write(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1) + "\n")
     return 0

@@ -293,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = write_report(args.runs, args.out)
     except FileNotFoundError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2
+        from launch.cli import error_exit
+
+        return error_exit(e)
     sys.stdout.write(result["table"] + "\n\n")
     for key, path in result["files"].items():
         sys.stdout.write(f"{key + ':':<20} {path}\n")
