@@ -18,11 +18,21 @@ Steps:
 6. write ``<data_dir>/manifest.json`` atomically (see :func:`prepare_data`).
 
 Re-running with the same data config finds a matching manifest and does nothing.
+
+Parallel preparation (a Slurm job array, slurm/prepare_data.sbatch): ``--part I --num-parts N`` packs
+and writes only the I-th of N contiguous ranges of the (hashed) document order, as shards
+``<split>-IIJJJJ.tar``, and records them in ``manifest.part-I-of-N.json``. Every part gathers the same
+corpus; the first to take ``<data_dir>/.prepare.lock`` trains the tokenizer, the others reuse it. The
+part that finishes last merges the part manifests into ``manifest.json`` (``"parts": N``). Packing
+restarts at each range, so the shards differ slightly from a one-process run (one short, padded row
+per range and split); the manifest describes exactly what was written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -51,6 +61,9 @@ SAMPLE_KEY = "ids.npy"
 _SPLIT_SALT = "bertforge-val-split"
 _ORDER_SALT = "bertforge-document-order"
 _SHARD_RE = re.compile(r"^(train|val)-\d{6}\.tar$")
+MAX_PARTS = 100
+"""``--num-parts`` limit: a part's shards are numbered ``<part:02d><index:04d>``."""
+_PART_SHARDS = 10_000
 _DATA_FIELDS = ("corpus", "corpus_max_mb", "vocab_size", "tokenizer_type", "tokenizer_sample_mb",
                 "seq_len", "val_fraction", "samples_per_shard")
 """DataConfig fields that change the shards (masking and loader fields do not)."""
@@ -152,8 +165,11 @@ class Packer:
 class SplitWriter:
     """Write one split's rows to ``<data_dir>/<split>-%06d.tar`` and count what each shard holds."""
 
-    def __init__(self, data_dir: str, split: str, samples_per_shard: int, pad_id: int) -> None:
+    def __init__(self, data_dir: str, split: str, samples_per_shard: int, pad_id: int,
+                 part: int | None = None) -> None:
         self.data_dir, self.split, self.per_shard, self.pad_id = data_dir, split, samples_per_shard, pad_id
+        # shard names: <split>-%06d.tar, or <split>-<part:02d>%04d.tar for one part of a parallel prepare
+        self.fmt = f"{split}-%06d.tar" if part is None else f"{split}-{part:02d}%04d.tar"
         self.writer = None
         self.samples: list[int] = []
         self.tokens: list[int] = []
@@ -163,12 +179,15 @@ class SplitWriter:
         if self.writer is None:  # open lazily: an empty split writes no empty shard
             import webdataset as wds  # imports torch: keep it out of the worker processes
 
-            self.writer = wds.ShardWriter(os.path.join(self.data_dir, f"{self.split}-%06d.tar"),
+            self.writer = wds.ShardWriter(os.path.join(self.data_dir, self.fmt),
                                           maxcount=self.per_shard, maxsize=float("inf"), verbose=0, mtime=0)
         buf = io.BytesIO()
         np.save(buf, row, allow_pickle=False)
         self.writer.write({"__key__": f"{self.split}-{self.count:09d}", SAMPLE_KEY: buf.getvalue()})
         shard = self.count // self.per_shard
+        if "%04d" in self.fmt and shard >= _PART_SHARDS:
+            raise DataError(f"one part of a parallel prepare would write more than {_PART_SHARDS} {self.split} "
+                            "shards; raise --num-parts or data.samples_per_shard")
         if shard == len(self.samples):
             self.samples.append(0)
             self.tokens.append(0)
@@ -181,7 +200,7 @@ class SplitWriter:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-        return [{"name": f"{self.split}-{i:06d}.tar", "split": self.split, "samples": s, "tokens": t}
+        return [{"name": self.fmt % i, "split": self.split, "samples": s, "tokens": t}
                 for i, (s, t) in enumerate(zip(self.samples, self.tokens))]
 
 
@@ -275,20 +294,74 @@ def _tokenizer_for(cfg, train_docs: list[str], data_dir: str, workers: int) -> t
     return tok, False
 
 
-def prepare_data(cfg, force: bool = False) -> dict:
+@contextlib.contextmanager
+def _data_dir_lock(data_dir: str):
+    """An exclusive flock on ``<data_dir>/.prepare.lock`` (parts of a parallel prepare take turns)."""
+    with open(os.path.join(data_dir, ".prepare.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _part_manifest_name(part: int, num_parts: int) -> str:
+    return f"manifest.part-{part:02d}-of-{num_parts:02d}.json"
+
+
+def _write_shards(cfg, docs: list[str], labels: list[str], tok: Tokenizer, data_dir: str, workers: int,
+                  part: int | None = None) -> tuple[list[dict], dict[str, int]]:
+    """Tokenize, pack and write ``docs``; return the shards (with bytes and sha256) and documents per split."""
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.int32)
+    packers = {s: Packer(cfg.seq_len, tok.cls_id, tok.sep_id, tok.pad_id, dtype) for s in SPLITS}
+    writers = {s: SplitWriter(data_dir, s, cfg.samples_per_shard, tok.pad_id, part) for s in SPLITS}
+    doc_counts = dict.fromkeys(SPLITS, 0)
+    for tokens, split in zip(tokenize_documents(docs, tok.path, workers), labels):
+        if tokens.size:
+            doc_counts[split] += 1
+        for row in packers[split].add(tokens):
+            writers[split].write(row)
+    shards: list[dict] = []
+    for s in SPLITS:
+        for row in packers[s].finish():
+            writers[s].write(row)
+        shards.extend(writers[s].close())
+    for shard in shards:
+        p = os.path.join(data_dir, shard["name"])
+        shard["bytes"] = os.path.getsize(p)
+        shard["sha256"] = sha256_file(p)
+    return shards, doc_counts
+
+
+def _split_totals(shards: list[dict], doc_counts: dict[str, int]) -> dict:
+    return {s: {"documents": doc_counts[s], "shards": sum(x["split"] == s for x in shards),
+                "samples": sum(x["samples"] for x in shards if x["split"] == s),
+                "tokens": sum(x["tokens"] for x in shards if x["split"] == s)} for s in SPLITS}
+
+
+def prepare_data(cfg, force: bool = False, part: int | None = None, num_parts: int = 1) -> dict:
     """Build the tokenizer, shards and manifest for ``cfg`` (a DataConfig or an ExperimentConfig).
+
+    With ``num_parts`` > 1 this process writes part ``part`` only (see the module docstring) and
+    returns the merged manifest if it was the last part to finish, else its part manifest
+    (``"part"``, ``"num_parts"``, ``"shards"``, ``"splits"``).
 
     Returns:
         The manifest: ``format``, ``config_hash``, ``data_config`` (the fields hashed), ``seq_len``,
         ``vocab_size``, ``dtype``, ``special_ids``, ``tokenizer`` ({path relative to data_dir, sha256}),
         ``shards`` (per shard: name, split, samples, tokens (non-[PAD] ids), bytes, sha256),
         ``splits`` (per split: documents, shards, samples, tokens), ``corpus`` ({documents, mb}),
-        ``packing``, ``timings_s``, ``created``.
+        ``packing``, ``parts``, ``timings_s``, ``created``.
 
     Raises:
-        DataError: empty corpus, untrainable tokenizer, or too little text for a sequence.
+        DataError: empty corpus, untrainable tokenizer, too little text for a sequence, or a bad part.
     """
     cfg = getattr(cfg, "data", cfg)
+    if not 1 <= num_parts <= MAX_PARTS:
+        raise DataError(f"--num-parts {num_parts} must be in [1, {MAX_PARTS}]")
+    if num_parts > 1 and (part is None or not 0 <= part < num_parts):
+        raise DataError(f"--part {part} must be in [0, {num_parts - 1}] with --num-parts {num_parts}")
+    parallel = num_parts > 1
     data_dir = cfg.data_dir
     os.makedirs(data_dir, exist_ok=True)
     config_hash = data_config_hash(cfg)
@@ -304,51 +377,42 @@ def prepare_data(cfg, force: bool = False) -> dict:
     timings: dict[str, float] = {}
     t = time.perf_counter()
 
-    docs = iter_documents(list(cfg.corpus), data_dir, cfg.corpus_max_mb, workers)
-    timings["corpus"] = time.perf_counter() - t
-    t = time.perf_counter()
-    labels = split_documents(docs, cfg.val_fraction)
-    # Sources arrive grouped (one package's docstrings after another); the loader only shuffles
-    # shards and a buffer, so without this a stretch of training would see one domain at a time.
-    # A hashed order is a stable shuffle: the same corpus always gives the same shards.
-    order = sorted(range(len(docs)), key=lambda i: unit_hash(docs[i], _ORDER_SALT))
-    docs, labels = [docs[i] for i in order], [labels[i] for i in order]
-    train_docs = [d for d, s in zip(docs, labels) if s == "train"]
-    timings["split"] = time.perf_counter() - t
-    t = time.perf_counter()
+    # parts take turns here: the first builds the corpus cache and the tokenizer, the others reuse them
+    with _data_dir_lock(data_dir) if parallel else contextlib.nullcontext():
+        docs = iter_documents(list(cfg.corpus), data_dir, cfg.corpus_max_mb, workers)
+        timings["corpus"] = time.perf_counter() - t
+        t = time.perf_counter()
+        labels = split_documents(docs, cfg.val_fraction)
+        # Sources arrive grouped (one package's docstrings after another); the loader only shuffles
+        # shards and a buffer, so without this a stretch of training would see one domain at a time.
+        # A hashed order is a stable shuffle: the same corpus always gives the same shards.
+        order = sorted(range(len(docs)), key=lambda i: unit_hash(docs[i], _ORDER_SALT))
+        docs, labels = [docs[i] for i in order], [labels[i] for i in order]
+        train_docs = [d for d, s in zip(docs, labels) if s == "train"]
+        timings["split"] = time.perf_counter() - t
+        t = time.perf_counter()
 
-    tok, reused = _tokenizer_for(cfg, train_docs, data_dir, workers)
-    timings["tokenizer"] = time.perf_counter() - t
-    t = time.perf_counter()
-    del train_docs
+        tok, reused = _tokenizer_for(cfg, train_docs, data_dir, workers)
+        timings["tokenizer"] = time.perf_counter() - t
+        t = time.perf_counter()
+        del train_docs
+        if parallel:  # the old manifest and this part's old shards go; other parts' shards stay
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(data_dir, MANIFEST))
+            mine = re.compile(rf"^(train|val)-{part:02d}\d{{4}}\.tar$")
+            for name in os.listdir(data_dir):
+                if mine.match(name):
+                    os.remove(os.path.join(data_dir, name))
 
-    _remove_outputs(data_dir)  # never leave an old manifest next to half-rewritten shards
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.int32)
-    packers = {s: Packer(cfg.seq_len, tok.cls_id, tok.sep_id, tok.pad_id, dtype) for s in SPLITS}
-    writers = {s: SplitWriter(data_dir, s, cfg.samples_per_shard, tok.pad_id) for s in SPLITS}
-    doc_counts = dict.fromkeys(SPLITS, 0)
-    for tokens, split in zip(tokenize_documents(docs, tok.path, workers), labels):
-        if tokens.size:
-            doc_counts[split] += 1
-        for row in packers[split].add(tokens):
-            writers[split].write(row)
-    shards: list[dict] = []
-    for s in SPLITS:
-        for row in packers[s].finish():
-            writers[s].write(row)
-        shards.extend(writers[s].close())
+    corpus = {"documents": len(docs), "mb": round(sum(len(d.encode()) for d in docs) / _MB, 3)}
+    if parallel:
+        lo, hi = part * len(docs) // num_parts, (part + 1) * len(docs) // num_parts
+        docs, labels = docs[lo:hi], labels[lo:hi]
+    else:
+        _remove_outputs(data_dir)  # never leave an old manifest next to half-rewritten shards
+    shards, doc_counts = _write_shards(cfg, docs, labels, tok, data_dir, workers, part if parallel else None)
     timings["tokenize_pack_write"] = time.perf_counter() - t
-    t = time.perf_counter()
-    for shard in shards:
-        p = os.path.join(data_dir, shard["name"])
-        shard["bytes"] = os.path.getsize(p)
-        shard["sha256"] = sha256_file(p)
-    timings["hash"] = time.perf_counter() - t
-    splits = {s: {"documents": doc_counts[s], "shards": sum(x["split"] == s for x in shards),
-                  "samples": sum(x["samples"] for x in shards if x["split"] == s),
-                  "tokens": sum(x["tokens"] for x in shards if x["split"] == s)} for s in SPLITS}
-    if splits["train"]["samples"] == 0:
-        raise DataError("the train split produced no sequence; add text to data.corpus")
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.int32)
     manifest = {
         "format": FORMAT_VERSION,
         "config_hash": config_hash,
@@ -361,18 +425,32 @@ def prepare_data(cfg, force: bool = False) -> dict:
                         "unk": tok.unk_id},
         "tokenizer": {"path": os.path.basename(tok.path), "sha256": tok.sha256, "reused": reused},
         "packing": "full-sentences: [CLS] + documents joined by [SEP] + [SEP]; last short row of a split kept, "
-                   "[PAD]-padded",
-        "corpus": {"documents": len(docs), "mb": round(sum(len(d.encode()) for d in docs) / _MB, 3)},
-        "splits": splits,
+                   "[PAD]-padded" + (" (per part of a parallel prepare)" if parallel else ""),
+        "corpus": corpus,
+        "parts": num_parts,
+        "splits": _split_totals(shards, doc_counts),
         "shards": shards,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json(os.path.join(data_dir, MANIFEST), manifest)
-    disk = sum(x["bytes"] for x in shards) / _MB
+    if parallel:
+        manifest.update(part=part, num_parts=num_parts, doc_counts=doc_counts)
+        _write_json(os.path.join(data_dir, _part_manifest_name(part, num_parts)), manifest)
+        log.info("prepare: part %d/%d: documents %d..%d -> %d shards", part, num_parts, lo, hi, len(shards))
+        with _data_dir_lock(data_dir):
+            merged = _merge_parts(data_dir, num_parts, config_hash)
+        if merged is None:
+            return manifest
+        manifest = merged
+    elif manifest["splits"]["train"]["samples"] == 0:
+        raise DataError("the train split produced no sequence; add text to data.corpus")
+    else:
+        _write_json(os.path.join(data_dir, MANIFEST), manifest)
+    splits = manifest["splits"]
+    disk = sum(x["bytes"] for x in manifest["shards"]) / _MB
     log.info("prepare: %d docs (%.1f MB text) -> train %d docs / %d tokens / %d samples / %d shards, "
              "val %d docs / %d tokens / %d samples / %d shards; %.1f MB of shards in %s",
-             len(docs), manifest["corpus"]["mb"], splits["train"]["documents"], splits["train"]["tokens"],
+             corpus["documents"], corpus["mb"], splits["train"]["documents"], splits["train"]["tokens"],
              splits["train"]["samples"], splits["train"]["shards"], splits["val"]["documents"],
              splits["val"]["tokens"], splits["val"]["samples"], splits["val"]["shards"], disk, data_dir)
     log.info("prepare: seconds per phase: %s (total %.1f)",
@@ -380,11 +458,43 @@ def prepare_data(cfg, force: bool = False) -> dict:
     return manifest
 
 
+def _merge_parts(data_dir: str, num_parts: int, config_hash: str) -> dict | None:
+    """manifest.json from all part manifests once every part of this config is written, else None."""
+    parts = []
+    for i in range(num_parts):
+        try:
+            with open(os.path.join(data_dir, _part_manifest_name(i, num_parts))) as f:
+                m = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return None
+        if m.get("config_hash") != config_hash:
+            return None  # a part of an older config: it has to be rerun
+        parts.append(m)
+    if len({m["tokenizer"]["sha256"] for m in parts}) != 1:
+        raise DataError(f"the parts in {data_dir} used different tokenizers; rerun them all")
+    shards = [s for m in parts for s in m["shards"]]
+    doc_counts = {s: sum(m["doc_counts"][s] for m in parts) for s in SPLITS}
+    merged = {k: v for k, v in parts[0].items() if k not in ("part", "num_parts", "doc_counts")}
+    merged.update(shards=shards, splits=_split_totals(shards, doc_counts), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  timings_s={k: round(max(m["timings_s"].get(k, 0) for m in parts), 3) for k in parts[0]["timings_s"]})
+    if merged["splits"]["train"]["samples"] == 0:
+        raise DataError("the train split produced no sequence; add text to data.corpus")
+    _write_json(os.path.join(data_dir, MANIFEST), merged)
+    for i in range(num_parts):
+        os.remove(os.path.join(data_dir, _part_manifest_name(i, num_parts)))
+    log.info("prepare: merged %d parts into %s", num_parts, os.path.join(data_dir, MANIFEST))
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m data_pipeline.prepare --config X.yaml [--force] [key=value ...]``."""
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="experiment YAML (its data: section is used)")
     parser.add_argument("--force", action="store_true", help="rebuild even if manifest.json is up to date")
+    parser.add_argument("--part", type=int, default=None,
+                        help="write only this part (0-based) of --num-parts; e.g. $SLURM_ARRAY_TASK_ID")
+    parser.add_argument("--num-parts", type=int, default=1,
+                        help="split the shard writing into this many parts (the last one merges the manifest)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.data_dir=/tmp/demo")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -393,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        prepare_data(cfg.data, force=args.force)
+        prepare_data(cfg.data, force=args.force, part=args.part, num_parts=args.num_parts)
     except (ConfigError, DataError) as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
