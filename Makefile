@@ -7,7 +7,7 @@ CONFIG ?= configs/demo.yaml
 TORCH_CPU_VERSION ?= 2.13.0
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo test test-all lint clean bench
 
 # A venv with the pinned dependencies. torch: keep a CUDA build if one is importable,
 # otherwise install the CPU wheel pinned here (a bare `torch` would pull a multi-GB CUDA build).
@@ -29,6 +29,14 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -m "not gpu" tests
+
+# Benchmarks (bench/): attention alone, a training step, the data loader -> bench/results/*.json,
+# BENCHMARKS.md and PNGs. Long (tens of minutes on 2 CPU cores); needs the peers of the `bench` extra.
+bench: setup
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python bench/attention.py
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/loader.py
 
 lint: setup
 	$(BIN)/ruff check .

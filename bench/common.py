@@ -1,0 +1,130 @@
+"""Helpers shared by the benchmarks: machine description, peak-RSS measurement, medians, JSON output.
+
+Peak memory on CPU (what ``PeakRss`` measures): the growth of the process's resident set during one
+call, read from the kernel. Before the call the peak counter (VmHWM) is reset by writing ``5`` to
+``/proc/self/clear_refs``; after it, ``VmHWM - VmRSS(before)`` is the peak extra memory the call touched
+(activations, saved tensors, gradients, workspaces), including memory held by C/C++ libraries that
+tracemalloc or torch's CPU allocator statistics do not see. Freed memory must go back to the kernel for
+the next measurement to start low, so the scripts re-exec themselves with ``MALLOC_MMAP_THRESHOLD_=65536``
+(glibc then serves every allocation above 64 KiB with its own mmap and unmaps it on free).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "bench", "results")
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def ensure_mmap_threshold() -> None:
+    """Re-exec this script once with glibc's mmap threshold fixed at 64 KiB (see module docstring)."""
+    if os.environ.get(MMAP_ENV) is None and sys.platform.startswith("linux"):
+        env = dict(os.environ, **{MMAP_ENV: "65536"})
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakRss:
+    """``with PeakRss() as m: ...`` -> ``m.peak_bytes``: peak RSS growth during the block (Linux)."""
+
+    def __enter__(self) -> PeakRss:
+        import gc
+
+        gc.collect()
+        self.ok = True
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.ok = False
+        self.before = _status_kb("VmRSS") * 1024 if os.path.exists("/proc/self/status") else 0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.ok:
+            self.peak_bytes = None
+            return
+        self.peak_bytes = max(0, _status_kb("VmHWM") * 1024 - self.before)
+
+
+def available_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, memory, load average, torch version and threads (stated in every output)."""
+    import torch
+
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+        "mem_available_gb_start": round(available_bytes() / 2**30, 1),
+        "cuda": torch.cuda.is_available(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import psutil
+
+        info["mem_total_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def finish_machine(info: dict[str, Any]) -> dict[str, Any]:
+    info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def write_json(path: str, payload: dict[str, Any]) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    os.replace(tmp, path)
+    return path
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: T201

@@ -1,0 +1,339 @@
+"""Refresh BENCHMARKS.md and the PNG plots from the JSON files in bench/results/.
+
+    .venv/bin/python bench/report.py [--results DIR] [--md PATH]
+
+Every benchmark script calls ``refresh()`` after writing its JSON (unless ``--no-report`` or ``--tiny``).
+The markdown has one section per benchmark present: the machine it ran on (CPU model, cores, load
+average at start and end, torch version), a table of every row, the checks against the figures the
+issues ask for (pass / fail / not measured), and the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+
+MD = os.path.join(common.REPO, "BENCHMARKS.md")
+
+
+def _load(results: str, name: str) -> dict | None:
+    path = os.path.join(results, f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _machine(m: dict) -> str:
+    return (f"Machine: {m.get('cpu')} ({m.get('cores')} cores, torch threads {m.get('torch_threads')}), "
+            f"{m.get('mem_total_gb', '?')} GiB RAM, torch {m.get('torch')}, Python {m.get('python')}; "
+            f"load average (1/5/15 min) {m.get('load_avg_start')} at start, {m.get('load_avg_end')} at end "
+            f"(the 2 cores were shared with other jobs); run at {m.get('time_utc')}.")
+
+
+def _f(x: Any, fmt: str = "{:.1f}") -> str:
+    if x is None:
+        return "—"
+    try:
+        return fmt.format(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def _row(rows: list[dict], **kw) -> dict | None:
+    for r in rows:
+        if all(r.get(k) == v for k, v in kw.items()):
+            return r
+    return None
+
+
+def _check(desc: str, value: float | None, ok: bool | None, detail: str) -> str:
+    verdict = "not measured" if ok is None else ("PASS" if ok else "FAIL")
+    return f"| {desc} | {_f(value, '{:.2f}')} | {verdict} | {detail} |"
+
+
+# ------------------------------------------------------------------------------------------------
+# attention
+# ------------------------------------------------------------------------------------------------
+
+
+def attention_checks(d: dict) -> list[str]:
+    rows = d["rows"]
+
+    def t(v, n, dt="fp32"):
+        r = _row(rows, variant=v, n=n, dtype=dt)
+        return r.get("fwd_bwd_ms") if r and r.get("status") == "ok" else None
+
+    def mem(v, n, dt="fp32", predicted=True):
+        r = _row(rows, variant=v, n=n, dtype=dt)
+        if not r:
+            return None, ""
+        if r.get("status") == "ok":
+            return r.get("peak_mem_mb"), "measured"
+        if predicted and r.get("predicted_peak_mem_mb"):
+            return r["predicted_peak_mem_mb"], f"extrapolated (n^2 from n={r.get('predicted_from_n')})"
+        return None, ""
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    out = ["| Figure (attention alone, CPU, fp32) | measured | verdict | detail |", "|---|---|---|---|"]
+    m_lsh, how_lsh = mem("bert_lsh", 8192, predicted=False)
+    m_ref, how_ref = mem("bert_lsh_reference", 8192)
+    r = ratio(m_lsh, m_ref)
+    out.append(_check("BERT-LSH peak memory at n=8192 <= 1/8 of the dense form (ratio <= 0.125)", r,
+                      None if r is None else r <= 0.125,
+                      f"bert_lsh {_f(m_lsh)} MiB ({how_lsh or 'not measured'}); dense reference "
+                      f"{_f(m_ref)} MiB ({how_ref or 'n/a'})"))
+    m4, _ = mem("bert_lsh", 4096, predicted=False)
+    m4r, how4 = mem("bert_lsh_reference", 4096)
+    r4 = ratio(m4, m4r)
+    out.append(_check("(same at n=4096, for reference)", r4, None if r4 is None else r4 <= 0.125,
+                      f"bert_lsh {_f(m4)} MiB; dense {_f(m4r)} MiB ({how4})"))
+    r = ratio(t("bert_lsh", 2048), t("sdpa", 2048))
+    out.append(_check("BERT-LSH time at n=2048 <= 1.5x SDPA", r, None if r is None else r <= 1.5,
+                      f"{_f(t('bert_lsh', 2048))} ms vs {_f(t('sdpa', 2048))} ms"))
+    for n, need, label in ((4096, 1.0, "YOSO at least as fast as SDPA at n=4096 (speed-up >= 1)"),
+                           (8192, 2.0, "YOSO >= 2x faster than SDPA at n=8192")):
+        s = ratio(t("sdpa", n), t("yoso", n))
+        out.append(_check(label, s, None if s is None else s >= need,
+                          f"yoso {_f(t('yoso', n))} ms vs sdpa {_f(t('sdpa', n))} ms"))
+    for n, need in ((4096, 7.0), (8192, 15.0)):
+        s = ratio(t("sdpa", n), t("linformer_k256", n))
+        out.append(_check(f"Linformer (k=256) >= {need:.0f}x faster than SDPA at n={n}", s,
+                          None if s is None else s >= need,
+                          f"linformer_k256 {_f(t('linformer_k256', n))} ms vs sdpa {_f(t('sdpa', n))} ms"))
+    for n in (2048, 4096, 8192):
+        s = ratio(t("linformer_pkg", n), t("linformer_k256", n))
+        out.append(_check(f"Linformer at least as fast as the `linformer` package (k=256, headwise) at n={n}", s,
+                          None if s is None else s >= 1.0,
+                          f"ours {_f(t('linformer_k256', n))} ms vs package {_f(t('linformer_pkg', n))} ms"))
+    return out
+
+
+def attention_section(d: dict, out_dir: str) -> list[str]:
+    rows = d["rows"]
+    s = d["settings"]
+    lines = ["## Attention alone (`bench/attention.py`)", "", _machine(d["machine"]), "",
+             f"B={s['B']}, H={s['H']}, d={s['d']}; forward + backward (gradients for q, k, v and every parameter); "
+             f"{s['timing']}, {s['repeats']} rounds; a case slower than {s.get('slow_case_seconds')} s per call is timed "
+             f"once. Peak memory: {s['memory']}. Skips: {s.get('max_case_seconds')} s per call predicted, or "
+             f"{s.get('memory_budget_fraction_of_available')} of available RAM predicted (n^2 scaling from the previous "
+             "size; the prediction is shown).", ""]
+    lines += attention_checks(d) + [""]
+    for dt in s["dtypes"]:
+        lines += [f"### {dt}", "", "| variant | kind | n | fwd ms | fwd+bwd ms | x SDPA time | peak MiB | x SDPA mem | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["dtype"] != dt:
+                continue
+            note = r.get("reason", "") if r.get("status") != "ok" else (f"impl={r['impl']}" if r.get("impl") else "")
+            if r.get("status") == "skipped":
+                note += f" [predicted {_f(r.get('predicted_fwd_bwd_ms'), '{:.0f}')} ms, {_f(r.get('predicted_peak_mem_mb'), '{:.0f}')} MiB]"
+            lines.append(f"| {r['variant']} | {r.get('kind', '')} | {r['n']} | {_f(r.get('fwd_ms'))} | "
+                         f"{_f(r.get('fwd_bwd_ms'))} | {_f(r.get('time_vs_sdpa'), '{:.2f}')} | {_f(r.get('peak_mem_mb'))} | "
+                         f"{_f(r.get('mem_vs_sdpa'), '{:.2f}')} | {note} |")
+        lines.append("")
+    lines += ["Configs of the rows:", ""]
+    seen = set()
+    for r in rows:
+        if r.get("config") and r["variant"] not in seen:
+            seen.add(r["variant"])
+            lines.append(f"- `{r['variant']}`: {r['config']}")
+    lines.append("")
+    for png in _plot_attention(d, out_dir):
+        lines.append(f"![{os.path.basename(png)}]({os.path.relpath(png, common.REPO)})")
+    lines.append("")
+    return lines
+
+
+def _plot_attention(d: dict, out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pngs = []
+    for dt in d["settings"]["dtypes"]:
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+        variants = []
+        for r in d["rows"]:
+            if r["variant"] not in variants:
+                variants.append(r["variant"])
+        for v in variants:
+            pts = [(r["n"], r["fwd_bwd_ms"], r.get("peak_mem_mb")) for r in d["rows"]
+                   if r["variant"] == v and r["dtype"] == dt and r.get("status") == "ok"]
+            if not pts:
+                continue
+            style = "--" if v in ("linformer_pkg", "reformer_lsh", "hf_yoso_e") else "-"
+            lw = 2.5 if v == "sdpa" else 1.2
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", lw=lw, label=v)
+            mp = [p for p in pts if p[2]]
+            axes[1].plot([p[0] for p in mp], [p[2] for p in mp], style, marker="o", lw=lw, label=v)
+        for ax, yl in zip(axes, ("forward + backward (ms)", "peak RSS growth (MiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length n")
+            ax.set_ylabel(yl)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].legend(fontsize=7, ncol=2)
+        fig.suptitle(f"Attention alone, B=1 H=12 d=64, {dt} (dashed: PyPI peers)")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"attention_{dt}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        pngs.append(path)
+    return pngs
+
+
+# ------------------------------------------------------------------------------------------------
+# train step
+# ------------------------------------------------------------------------------------------------
+
+
+def train_checks(d: dict) -> list[str]:
+    rows = d["rows"]
+    out = ["| Figure (full training step) | dtype | measured | verdict | detail |", "|---|---|---|---|---|"]
+
+    def tps(model, n, dt):
+        r = _row(rows, model=model, n=n, dtype=dt)
+        return r.get("tokens_per_s") if r and r.get("status") == "ok" else None
+
+    for dt in d["settings"]["dtypes"]:
+        for model, n, need in (("bertforge/softmax", 128, 1.0), ("bertforge/shared_qkv", 128, 1.1),
+                               ("bertforge/linformer", 2048, 3.0)):
+            a, b = tps(model, n, dt), tps("hf_bert", n, dt)
+            r = a / b if a and b else None
+            verdict = "not measured" if r is None else ("PASS" if r >= need else "FAIL")
+            out.append(f"| {model} tokens/s >= {need}x HF BertForMaskedLM (softmax) at n={n} | {dt} | {_f(r, '{:.2f}')} | "
+                       f"{verdict} | {_f(a, '{:.0f}')} vs {_f(b, '{:.0f}')} tok/s |")
+        for model in ("bertforge/yoso", "bertforge/bert_lsh"):
+            a, b = tps(model, 2048, dt), tps("hf_bert", 2048, dt)
+            r = a / b if a and b else None
+            out.append(f"| {model} at n=2048 (reported) | {dt} | {_f(r, '{:.2f}')} | reported | "
+                       f"{_f(a, '{:.0f}')} vs {_f(b, '{:.0f}')} tok/s |")
+    return out
+
+
+def train_section(d: dict, out_dir: str) -> list[str]:
+    s = d["settings"]
+    peaks = ", ".join(f"{k}: {v / 1e9:.1f} GFLOP/s" for k, v in s["peak_flops"].items())
+    lines = ["## Training step (`bench/train_step.py`)", "", _machine(d["machine"]), "",
+             f"{s['layers']} layers, hidden {s['hidden']}, {s['heads']} heads, FFN {s['ffn']}, vocab {s['vocab']}; "
+             f"{s['tokens_per_step']} tokens per step (batch = tokens / n); forward + backward + AdamW step; "
+             f"{s['timing']}, {s['repeats']} rounds. Precision: fp32, or bf16 = {s['bf16']}. "
+             f"Peak FLOP/s for MFU ({s['peak_source']}): {peaks}.", ""]
+    lines += train_checks(d) + [""]
+    lines += ["| model | n | dtype | precision | batch | params | step s | tokens/s | x HF | GFLOP/step | GFLOP/s | MFU | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['model']} | {r['n']} | {r['dtype']} | {r.get('precision', '')} | {r.get('batch', '')} | "
+                     f"{_f(r.get('params'), '{:,}')} | {_f(r.get('step_s'), '{:.3f}')} | {_f(r.get('tokens_per_s'), '{:.0f}')} | "
+                     f"{_f(r.get('tokens_per_s_vs_hf'), '{:.2f}')} | {_f((r.get('flops_per_step') or 0) / 1e9 or None, '{:.1f}')} | "
+                     f"{_f(r.get('achieved_gflops'))} | {_f(100 * r['mfu'] if r.get('mfu') else None, '{:.1f}%')} | "
+                     f"{r.get('reason', r.get('flops_note', ''))} |")
+    lines.append("")
+    png = _plot_train(d, out_dir)
+    lines += [f"![train_step]({os.path.relpath(png, common.REPO)})", ""]
+    return lines
+
+
+def _plot_train(d: dict, out_dir: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in d["rows"] if r.get("status") == "ok"]
+    fig, ax = plt.subplots(figsize=(11, 5))
+    labels = [f"{r['model'].replace('bertforge/', 'bf/')}\nn={r['n']} {r['dtype']}" for r in ok]
+    colors = ["tab:orange" if r["model"].startswith("hf_") else "tab:blue" for r in ok]
+    ax.bar(range(len(ok)), [r["tokens_per_s"] for r in ok], color=colors)
+    ax.set_xticks(range(len(ok)))
+    ax.set_xticklabels(labels, rotation=70, fontsize=7)
+    ax.set_ylabel("tokens/s")
+    ax.set_yscale("log")
+    ax.set_title("Training step tokens/s (blue: bertforge, orange: HF BertForMaskedLM)")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "train_step.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# loader
+# ------------------------------------------------------------------------------------------------
+
+
+def loader_section(d: dict, out_dir: str) -> list[str]:
+    s = d["settings"]
+    lines = ["## Data loader (`bench/loader.py`)", "", _machine(d["machine"]), "",
+             f"Corpus {s['corpus']} -> {s['train_shards']} train shards, {s['train_samples']} samples of {s['seq_len']} "
+             f"tokens (vocab {s['vocab_size']}), shuffle buffer {s['shuffle_buffer']}; {s['timing']}, {s['rounds']} rounds.",
+             "", "| pipeline | workers | samples/s | x wds_plain | note |", "|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['pipeline']} | {r['workers']} | {_f(r.get('samples_per_s'), '{:.0f}')} | "
+                     f"{_f(r.get('vs_wds_plain'), '{:.2f}')} | {r.get('reason', '')} |")
+    lines.append("")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in d["rows"] if r.get("status") == "ok"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(range(len(ok)), [r["samples_per_s"] for r in ok])
+    ax.set_xticks(range(len(ok)))
+    ax.set_xticklabels([f"{r['pipeline']}\nworkers={r['workers']}" for r in ok], fontsize=7)
+    ax.set_ylabel("samples/s")
+    ax.set_title("Loader throughput")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "loader.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    lines += [f"![loader]({os.path.relpath(path, common.REPO)})", ""]
+    return lines
+
+
+def refresh(results: str = common.RESULTS, md: str = MD, notes: str | None = None) -> str:
+    """Rewrite ``md`` from the JSON files in ``results`` (PNGs go next to the JSON)."""
+    os.makedirs(results, exist_ok=True)
+    lines = ["# Benchmarks", "",
+             "Generated by `bench/report.py` from `bench/results/*.json` (`make bench` runs all three benchmarks "
+             "and refreshes this file). Ratios are measured side by side in one run (interleaved repetitions, "
+             "medians), because the CPU is shared; absolute numbers move with the machine's load.", ""]
+    notes_path = os.path.join(results, "NOTES.md")
+    if notes is None and os.path.exists(notes_path):
+        with open(notes_path) as f:
+            notes = f.read()
+    if notes:
+        lines += [notes.strip(), ""]
+    for name, fn in (("attention", attention_section), ("train_step", train_section), ("loader", loader_section)):
+        d = _load(results, name)
+        if d is not None:
+            lines += fn(d, results)
+    text = "\n".join(lines) + "\n"
+    with open(md, "w") as f:
+        f.write(text)
+    common.log(f"wrote {md}")
+    return md
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=common.RESULTS)
+    ap.add_argument("--md", default=MD)
+    a = ap.parse_args(argv)
+    refresh(a.results, a.md)
+
+
+if __name__ == "__main__":
+    main()
