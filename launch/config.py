@@ -134,6 +134,10 @@ class TrainConfig:
     """Global gradient-norm clipping threshold (0 disables)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep the fp32 master weights and the AdamW state in CPU memory and run the optimizer
+    step there (ZeRO stage 1-3), trading step time for GPU memory. The step is torch's AdamW on the CPU,
+    not DeepSpeedCPUAdam (whose C++ op JIT-compiles on first use)."""
     bf16: bool = False
     """Train in bf16 (DeepSpeed bf16 mode); fp32 otherwise."""
     seed: int = 1234
@@ -306,6 +310,8 @@ class ExperimentConfig:
             raise ConfigError("data.mask_prob must be > 0: the MLM loss needs masked tokens")
         if t.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage={t.zero_stage} is invalid; valid choices: 0, 1, 2, 3")
+        if t.offload_optimizer and t.zero_stage == 0:
+            raise ConfigError("train.offload_optimizer=true needs ZeRO: set train.zero_stage to 1, 2 or 3")
         if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
             raise ConfigError(f"train.lr={t.lr} / train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
         if t.warmup_steps < 0 or t.save_every < 0 or t.eval_batches < 0:

@@ -26,6 +26,10 @@ def to_deepspeed_config(cfg: ExperimentConfig, dp_size: int) -> dict:
         zero.update(contiguous_gradients=True, overlap_comm=False, reduce_scatter=True)
     if t.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=0)
+    if t.offload_optimizer:  # ZeRO-Offload with our torch AdamW (DeepSpeed refuses it unless told)
+        from deepspeed.accelerator import get_accelerator
+
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": get_accelerator().device_name() == "cuda"}
     ds = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -39,4 +43,6 @@ def to_deepspeed_config(cfg: ExperimentConfig, dp_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "checkpoint": {"tag_validation": "Warn"},
     }
+    if t.offload_optimizer:
+        ds["zero_force_ds_cpu_optimizer"] = False
     return _merge(ds, cfg.deepspeed.extra)

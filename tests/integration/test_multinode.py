@@ -7,6 +7,8 @@
   the same) for softmax and a hashed variant. Dropout is 0 in these runs (demo.yaml): megatron's
   dropout RNG tracker is CUDA-only, so on CPU dropout masks would differ between layouts.
 * A world size that TP does not divide stops with one line through the launcher.
+* ZeRO-Offload (``train.offload_optimizer``, torch AdamW on the CPU) logs the losses of the same run
+  without offload.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def test_two_nodes_on_loopback_match_one_node(runs, tiny_data, tmp_path):
     one, two = losses(ref_dir), losses(run_dir)
     assert sorted(two) == sorted(one) and max(one) == 20, (one, two)
     diff = max(abs(one[s] - two[s]) for s in one)
+    print(f"two nodes vs one node: max |loss diff| {diff:.2e} over {len(one)} logged steps")
     assert diff <= 1e-5, f"two nodes vs one node: max |loss diff| {diff:.2e}\n{one}\n{two}"
 
 
@@ -88,6 +91,7 @@ def test_tp2_matches_tp1(tiny_data, tmp_path, attention):
     one, two = losses(str(tmp_path / "tp1")), losses(str(tmp_path / "tp2"))
     assert sorted(one) == list(range(1, 11)) and sorted(two) == sorted(one), (one, two)
     diff = max(abs(one[s] - two[s]) for s in one)
+    print(f"TP=2 vs TP=1 ({attention}): max |loss diff| {diff:.2e} over 10 steps")
     assert diff <= 1e-4, f"TP=2 vs TP=1 ({attention}): max |loss diff| {diff:.2e}\n{one}\n{two}"
     # the model learns under TP: the loss after 10 steps is below the first one
     assert two[10] < two[1], two
@@ -103,3 +107,21 @@ def test_world_not_divisible_by_tp_stops_in_one_line(tiny_data, tmp_path):
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "world size 1 is not divisible by parallel.tensor_model_parallel_size=2" in errors[0], errors
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_zero_offload_matches_no_offload(runs, tiny_data, tmp_path):
+    ref_dir, ref = runs.get("zero1", "train.steps=20", "train.zero_stage=1")
+    ok(ref)
+    run_dir = str(tmp_path / "offload")
+    proc = launch(run_dir, tiny_data, "train.steps=20", "train.zero_stage=1", "train.offload_optimizer=true")
+    ok(proc)
+    one, off = losses(ref_dir), losses(run_dir)
+    assert sorted(off) == sorted(one) and max(off) == 20, (one, off)
+    diff = max(abs(one[s] - off[s]) for s in one)
+    print(f"ZeRO-Offload vs none: max |loss diff| {diff:.2e}")
+    assert diff <= 1e-5, f"offload vs none: max |loss diff| {diff:.2e}\n{one}\n{off}"
+    assert os.path.isfile(os.path.join(run_dir, "checkpoints", "global_step20", "COMPLETE"))
+    from launch.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.offload_optimizer=true needs ZeRO"):
+        load_config(None, ["train.zero_stage=0", "train.offload_optimizer=true"])
