@@ -1,7 +1,7 @@
 """A real Slurm (slurmctld + slurmd + munged on this machine) running slurm/*.sbatch.
 
 The session fixture installs Debian's slurm-wlm and munge when missing (as root), writes a one-node
-slurm.conf (2 CPUs, proctrack/linuxproc, no cgroups, ``cred_expire=10`` so a requeued job starts
+slurm.conf (2 CPUs, proctrack/linuxproc, no cgroups, ``cred_expire=5`` so a requeued job starts
 again within seconds instead of 120 s), starts the daemons on free ports (``SLURM_CONF`` points the
 clients at it) and stops them by pid afterwards. Where that is impossible the Slurm tests skip with
 the reason, or fail when CI=true.
@@ -180,7 +180,7 @@ SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SlurmUser=root
@@ -279,11 +279,11 @@ def test_usr1_saves_requeues_and_resumes(slurm, tiny_data, tmp_path):
     logs.mkdir()
     job = slurm.sbatch("slurm/pretrain.sbatch", "--ntasks-per-node=1", "--cpus-per-task=2",
                        f"--output={logs}/pretrain-%j.out",
-                       **_pretrain_vars(run_dir, tiny_data, "deepspeed", "train.steps=80", "train.save_every=0",
+                       **_pretrain_vars(run_dir, tiny_data, "deepspeed", "train.steps=40", "train.save_every=0",
                                         GPUS_PER_NODE="2"))
     log = str(logs / f"pretrain-{job}.out")
     deadline = time.time() + SBATCH_TIMEOUT
-    while not re.search(r"step [2-9]/80", _read(log)):  # training has started
+    while not re.search(r"step [2-9]/40", _read(log)):  # training has started
         assert time.time() < deadline, _read(log)[-4000:]
         assert slurm.job(job)[0]["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), _read(log)[-4000:]
         time.sleep(0.3)
@@ -303,15 +303,15 @@ def test_usr1_saves_requeues_and_resumes(slurm, tiny_data, tmp_path):
     stopped = re.search(r"stopped at step (\d+) on a stop request", out)
     assert stopped and "USR1 at" in out and f"requeueing job {job}" in out, out[-4000:]
     step = int(stopped.group(1))
-    assert step < 80, out[-4000:]
+    assert step < 40, out[-4000:]
     assert "restart 0" in out and "restart 1" in out, out[-4000:]  # one log per job id, across the requeue
     assert f"resuming at step {step} " in out, out[-4000:]
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", f"global_step{step}", "COMPLETE"))
     status = json.load(open(os.path.join(run_dir, "status.json")))
-    assert status["state"] == "finished" and status["step"] == 80, status
+    assert status["state"] == "finished" and status["step"] == 40, status
     assert not os.path.exists(os.path.join(run_dir, "STOP"))
     loss = _scalars(run_dir, "train/loss")
-    assert sorted(loss) == list(range(2, 81, 2)), sorted(loss)  # no gap and no repeat across the requeue
+    assert sorted(loss) == list(range(2, 41, 2)), sorted(loss)  # no gap and no repeat across the requeue
     print(f"signal -> requeued job finished: {round_trip:.1f}s (stopped at step {step})")
 
 
