@@ -420,3 +420,20 @@ def test_slurm_env_mapping(tmp_path):
     exported = subprocess.run(["bash", "-c", cli.stdout + 'echo "$RANK $WORLD_SIZE $LOCAL_RANK $MASTER_PORT"'],
                               capture_output=True, text=True, timeout=30).stdout.split()
     assert exported == ["5", "8", "1", "24242"]
+
+
+def test_init_distributed_maps_slurm_variables():
+    """The hook in init_distributed: SLURM_* set, RANK not -> a world from Slurm's variables."""
+    import socket as _socket
+
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    e = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    e.update(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0", SLURM_JOB_ID="77",
+             SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port))
+    code = ("import os; from launch.distributed import init_distributed; i = init_distributed(1, 0); "
+            "print(os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['MASTER_ADDR'], i.world_size)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-4:] == ["0", "1", "localhost", "1"], proc.stdout
