@@ -197,7 +197,7 @@ def _step(fn, leaves, grad_holder: dict) -> tuple[float, float]:
 
 
 def run(sizes: list[int], dtypes: list[str], variants: list[str], repeats: int, max_case_s: float,
-        mem_fraction: float, slow_s: float = 20.0) -> dict[str, Any]:
+        mem_fraction: float, slow_s: float = 20.0, out: str | None = None) -> dict[str, Any]:
     import torch
 
     machine = common.machine()
@@ -258,7 +258,7 @@ def run(sizes: list[int], dtypes: list[str], variants: list[str], repeats: int, 
             reps = repeats
             for r in range(reps):
                 order = live[r % max(len(live), 1):] + live[:r % max(len(live), 1)]
-                for name, fn, leaves, holder, row in order:
+                for _name, fn, leaves, holder, row in order:
                     if r >= 1 and row["warmup_ms"] > slow_s * 1e3:
                         continue  # a very slow case: one timed call beside the warm-up is enough
                     try:
@@ -275,7 +275,7 @@ def run(sizes: list[int], dtypes: list[str], variants: list[str], repeats: int, 
                     row["repeats"] = len(row["fwd_bwd_ms_all"])
                     if name == BASELINE:
                         base = row
-            for name, _fn, _l, _h, row in live:
+            for _name, _fn, _l, _h, row in live:
                 if row["status"] == "ok" and base is not None:
                     row["time_vs_sdpa"] = row["fwd_bwd_ms"] / base["fwd_bwd_ms"]
                     if row.get("peak_mem_mb") and base.get("peak_mem_mb"):
@@ -285,6 +285,13 @@ def run(sizes: list[int], dtypes: list[str], variants: list[str], repeats: int, 
                     common.log(f"{dname} n={n} {name:20s} fwd+bwd {row['fwd_bwd_ms']:10.1f} ms  "
                                f"x{row.get('time_vs_sdpa', math.nan):6.2f} sdpa  peak {row['peak_mem_mb']:9.1f} MiB")
             del live
+            if out:  # partial results after every (dtype, n): a long sweep cut short keeps what it measured
+                common.write_json(out, _payload(machine, sizes, dtypes, variants, repeats, max_case_s, mem_fraction,
+                                                slow_s, rows))
+    return _payload(machine, sizes, dtypes, variants, repeats, max_case_s, mem_fraction, slow_s, rows)
+
+
+def _payload(machine, sizes, dtypes, variants, repeats, max_case_s, mem_fraction, slow_s, rows) -> dict[str, Any]:
     return {"benchmark": "attention", "machine": common.finish_machine(machine),
             "settings": {"sizes": sizes, "dtypes": dtypes, "variants": variants, "repeats": repeats,
                          "B": B, "H": H, "d": D_HEAD, "max_case_seconds": max_case_s,
@@ -299,7 +306,7 @@ def run(sizes: list[int], dtypes: list[str], variants: list[str], repeats: int, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    common.ensure_mmap_threshold()
+    common.ensure_env()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=None)
     ap.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp32", "bf16"])
@@ -320,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     if BASELINE not in a.variants:
         a.variants = [BASELINE, *a.variants]
     payload = run(sorted(sizes), a.dtypes, a.variants, repeats, a.max_case_seconds, a.mem_fraction,
-                  a.slow_case_seconds)
+                  a.slow_case_seconds, a.out)
     payload["settings"]["tiny"] = a.tiny
     common.write_json(a.out, payload)
     common.log(f"wrote {a.out}")

@@ -157,6 +157,7 @@ def run(cfg, workers_list: list[int], samples: int, rounds: int) -> dict[str, An
 
 
 def main(argv: list[str] | None = None) -> None:
+    common.ensure_env()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=None)

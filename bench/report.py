@@ -121,7 +121,9 @@ def attention_checks(d: dict) -> list[str]:
 def attention_section(d: dict, out_dir: str) -> list[str]:
     rows = d["rows"]
     s = d["settings"]
-    lines = ["## Attention alone (`bench/attention.py`)", "", _machine(d["machine"]), "",
+    mach = [_machine(d["machine"])] if "parts" not in d else [
+        f"{', '.join(pt['settings'].get('dtypes', []))} run: " + _machine(pt["machine"]) for pt in d["parts"]]
+    lines = ["## Attention alone (`bench/attention.py`)", "", *[m + "\n" for m in mach],
              f"B={s['B']}, H={s['H']}, d={s['d']}; forward + backward (gradients for q, k, v and every parameter); "
              f"{s['timing']}, {s['repeats']} rounds; a case slower than {s.get('slow_case_seconds')} s per call is timed "
              f"once. Peak memory: {s['memory']}. Skips: {s.get('max_case_seconds')} s per call predicted, or "
@@ -327,11 +329,34 @@ def refresh(results: str = common.RESULTS, md: str = MD, notes: str | None = Non
     return md
 
 
+def merge(paths: list[str], out: str) -> str:
+    """Concatenate the rows of several runs of one benchmark (e.g. attention fp32 and bf16 run as two
+    processes) into ``out``; settings and machine blocks are kept per part under ``parts``."""
+    parts = []
+    for p in paths:
+        with open(p) as f:
+            parts.append(json.load(f))
+    first = parts[0]
+    merged = dict(first)
+    merged["rows"] = [r for d in parts for r in d["rows"]]
+    merged["settings"] = dict(first["settings"])
+    if "dtypes" in merged["settings"]:
+        merged["settings"]["dtypes"] = [x for d in parts for x in d["settings"].get("dtypes", [])]
+    merged["machine"] = dict(first["machine"], load_avg_end=parts[-1]["machine"].get("load_avg_end"))
+    merged["parts"] = [{"file": os.path.basename(p), "machine": d["machine"], "settings": d["settings"]}
+                       for p, d in zip(paths, parts)]
+    return common.write_json(out, merged)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=common.RESULTS)
     ap.add_argument("--md", default=MD)
+    ap.add_argument("--merge", nargs="+", default=None, help="JSON files of one benchmark to concatenate ...")
+    ap.add_argument("--into", default=None, help="... into this JSON (then the report is refreshed)")
     a = ap.parse_args(argv)
+    if a.merge:
+        merge(a.merge, a.into or os.path.join(a.results, "attention.json"))
     refresh(a.results, a.md)
 
 

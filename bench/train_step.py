@@ -240,6 +240,7 @@ def run(plan: dict[int, list[str]], dtypes: list[str], repeats: int,
 
 
 def main(argv: list[str] | None = None) -> None:
+    common.ensure_env()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp32", "bf16"])
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,

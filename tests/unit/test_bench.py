@@ -13,14 +13,41 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PEER_MODULES = {"linformer_pkg": "linformer", "reformer_lsh": "reformer_pytorch", "hf_yoso_e": "transformers"}
 
-pytestmark = pytest.mark.slow  # three subprocesses, ~40-50 s together on 2 cores
+pytestmark = pytest.mark.slow  # three subprocesses side by side, ~30-50 s on 2 cores
 
 
-def _run(script: str, *args: str, timeout: int = 120) -> None:
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Start the three --tiny benchmarks at once (they spend much of their time importing and
+    building, so running them side by side keeps the whole module well under a minute)."""
+    tmp = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", script), "--tiny", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    cmds = {
+        "attention": ["attention.py", "--dtypes", "fp32"],
+        "train_step": ["train_step.py", "--dtypes", "fp32"],
+        "loader": ["loader.py", "--data-dir", str(tmp / "shards")],
+    }
+    procs = {}
+    for name, (script, *args) in cmds.items():
+        out = tmp / f"{name}.json"
+        procs[name] = (out, subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "bench", script), "--tiny", *args, "--out", str(out)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results = {}
+    for name, (out, proc) in procs.items():
+        try:
+            log, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            log, _ = proc.communicate()
+        results[name] = (out, proc.returncode, log)
+    return results
+
+
+def _result(runs, name: str) -> dict:
+    out, rc, log = runs[name]
+    assert rc == 0, f"bench/{name}.py --tiny failed (rc {rc}):\n{log[-4000:]}"
+    return _load(out)
 
 
 def _load(path) -> dict:
@@ -33,12 +60,10 @@ def _machine_ok(d: dict) -> None:
     assert m["cores"] >= 1 and m["torch"] and "load_avg_start" in m and "load_avg_end" in m
 
 
-def test_attention_tiny(tmp_path):
+def test_attention_tiny(runs):
     from bench.attention import VARIANTS
 
-    out = tmp_path / "attention.json"
-    _run("attention.py", "--dtypes", "fp32", "--out", str(out))
-    d = _load(out)
+    d = _result(runs, "attention")
     _machine_ok(d)
     by = {r["variant"]: r for r in d["rows"]}
     assert set(by) == set(VARIANTS)
@@ -54,12 +79,10 @@ def test_attention_tiny(tmp_path):
     assert by["sdpa"]["time_vs_sdpa"] == pytest.approx(1.0)
 
 
-def test_train_step_tiny(tmp_path):
+def test_train_step_tiny(runs):
     from bench.train_step import TINY_PLAN
 
-    out = tmp_path / "train_step.json"
-    _run("train_step.py", "--dtypes", "fp32", "--out", str(out))
-    d = _load(out)
+    d = _result(runs, "train_step")
     _machine_ok(d)
     assert d["settings"]["peak_flops"]["fp32"] > 0
     rows = d["rows"]
@@ -72,10 +95,8 @@ def test_train_step_tiny(tmp_path):
         assert r["flops_per_step"] > 0
 
 
-def test_loader_tiny(tmp_path):
-    out = tmp_path / "loader.json"
-    _run("loader.py", "--out", str(out), "--data-dir", str(tmp_path / "shards"))
-    d = _load(out)
+def test_loader_tiny(runs):
+    d = _result(runs, "loader")
     _machine_ok(d)
     pipes = {r["pipeline"] for r in d["rows"]}
     assert pipes == {"bertforge", "wds_plain", "wds_plain_nomask"}
