@@ -3,9 +3,10 @@
 One srun task per rank (``LAYOUT=srun`` in slurm/pretrain.sbatch)::
 
     RANK        <- SLURM_PROCID
-    WORLD_SIZE  <- SLURM_NTASKS (or SLURM_NPROCS)
+    WORLD_SIZE  <- SLURM_STEP_NUM_TASKS (tasks of this srun step), else SLURM_NTASKS
     LOCAL_RANK  <- SLURM_LOCALID
-    MASTER_ADDR <- the first host of SLURM_JOB_NODELIST (``scontrol show hostnames``), unless set
+    MASTER_ADDR <- the first host of SLURM_STEP_NODELIST (where task 0 runs), else of SLURM_JOB_NODELIST
+                   (``scontrol show hostnames``), unless set
     MASTER_PORT <- 20000 + SLURM_JOB_ID % 20000, unless set (every task of a job agrees on it without
                    talking; two jobs sharing a node rarely collide, and a requeued job keeps its id)
 
@@ -16,6 +17,10 @@ Used three ways:
   and RANK is not, so ``srun python launch/train.py ...`` needs nothing else;
 * ``python -m launch.slurm_env --hostfile PATH --slots N`` writes ``<host> slots=N`` per node of the
   allocation for the ``deepspeed`` launcher (``--no_ssh --node_rank=$SLURM_NODEID`` or pdsh).
+
+The batch shell of a job with several tasks also carries SLURM_PROCID=0 and SLURM_NTASKS=N, but it is
+not one of the N ranks (no SLURM_STEP_ID): mapping it would make a plain ``python launch/train.py`` in a
+batch script wait forever for N-1 ranks, so that case is refused with a message.
 
 Bad or missing input ends the CLI with one ``error: ...`` line and exit status 2.
 """
@@ -54,8 +59,9 @@ def _int(env: Mapping[str, str], *names: str) -> int:
                         "or set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT yourself")
 
 
-def _nodelist(env: Mapping[str, str]) -> str:
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+def _nodelist(env: Mapping[str, str], step: bool = False) -> str:
+    nodelist = ((env.get("SLURM_STEP_NODELIST") if step else None) or env.get("SLURM_JOB_NODELIST")
+                or env.get("SLURM_NODELIST"))
     if not nodelist:
         raise SlurmEnvError("SLURM_JOB_NODELIST is not set; run inside a Slurm allocation (sbatch/srun)")
     return nodelist
@@ -124,13 +130,16 @@ def torch_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """
     env = os.environ if env is None else env
     rank = _int(env, "SLURM_PROCID")
-    world = _int(env, "SLURM_NTASKS", "SLURM_NPROCS")
+    world = _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
     local = _int(env, "SLURM_LOCALID")
+    if world > 1 and not (env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")):
+        raise SlurmEnvError(f"this is the batch shell of a {world}-task job, not one of its tasks (no SLURM_STEP_ID); "
+                            "start the ranks with srun (or set RANK/WORLD_SIZE/... yourself)")
     if world < 1 or not 0 <= rank < world:
         raise SlurmEnvError(f"SLURM_PROCID={rank} is not a rank of SLURM_NTASKS={world}")
     if local < 0:
         raise SlurmEnvError(f"SLURM_LOCALID={local} is negative")
-    addr = env.get("MASTER_ADDR") or hostnames(_nodelist(env))[0]
+    addr = env.get("MASTER_ADDR") or hostnames(_nodelist(env, step=True))[0]
     return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local), "MASTER_ADDR": addr,
             "MASTER_PORT": str(master_port(env))}
 

@@ -394,7 +394,7 @@ def test_slurm_env_mapping(tmp_path):
     from launch import slurm_env
 
     base = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
-            "SLURM_JOB_NODELIST": "gpu[07-08]", "PATH": ""}  # PATH "": no scontrol, the list is parsed
+            "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_ID": "0"}
     old_path = os.environ.get("PATH", "")
     os.environ["PATH"] = ""
     try:
@@ -402,12 +402,17 @@ def test_slurm_env_mapping(tmp_path):
         assert got == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
                        "MASTER_PORT": str(20000 + 4242)}
         assert slurm_env.torch_env({**base, "MASTER_PORT": "1234", "MASTER_ADDR": "h"})["MASTER_PORT"] == "1234"
+        # an srun step on part of the job: its own task count, its first node hosts rank 0
+        step = slurm_env.torch_env({**base, "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2",
+                                    "SLURM_STEP_NODELIST": "gpu08"})
+        assert (step["WORLD_SIZE"], step["MASTER_ADDR"]) == ("2", "gpu08")
         assert slurm_env.expand_nodelist("a[1-2,09-10]b,login") == ["a1b", "a2b", "a09b", "a10b", "login"]
         hosts = slurm_env.write_hostfile(str(tmp_path / "hf"), 4, base)
         assert hosts == ["gpu07", "gpu08"] and (tmp_path / "hf").read_text() == "gpu07 slots=4\ngpu08 slots=4\n"
         for bad, words in [({"SLURM_PROCID": "8"}, "SLURM_PROCID=8"), ({"SLURM_NTASKS": "x"}, "not an integer"),
                            ({"SLURM_JOB_NODELIST": "gpu[3-1]"}, "runs backwards"),
-                           ({"SLURM_PROCID": None}, "SLURM_PROCID is not set")]:
+                           ({"SLURM_PROCID": None}, "SLURM_PROCID is not set"),
+                           ({"SLURM_STEP_ID": None}, "batch shell of a 8-task job")]:
             e = {**base, **bad}
             e = {k: v for k, v in e.items() if v is not None}
             with pytest.raises(slurm_env.SlurmEnvError, match=re.escape(words)):
@@ -435,7 +440,7 @@ def test_init_distributed_maps_slurm_variables():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     e = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    e.update(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0", SLURM_JOB_ID="77",
+    e.update(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0", SLURM_JOB_ID="77", SLURM_STEP_ID="0",
              SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port))
     code = ("import os; from launch.distributed import init_distributed; i = init_distributed(1, 0); "
             "print(os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['MASTER_ADDR'], i.world_size)")
