@@ -69,11 +69,11 @@ def init_distributed(tensor_model_parallel_size: int = 1, seed: int = 0) -> Dist
     from deepspeed.accelerator import get_accelerator
     from megatron.core import parallel_state
 
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+    from launch.slurm_env import apply_slurm_env, in_slurm_task
+
+    if in_slurm_task():
         # Slurm hook: `srun python launch/train.py ...` (one task per rank) sets only SLURM_* variables;
         # map them to RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (see launch/slurm_env.py).
-        from launch.slurm_env import apply_slurm_env
-
         apply_slurm_env()
     if "RANK" not in os.environ:  # a plain `python launch/train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",

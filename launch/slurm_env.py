@@ -13,8 +13,9 @@ One srun task per rank (``LAYOUT=srun`` in slurm/pretrain.sbatch)::
 Used three ways:
 
 * ``eval "$(python -m launch.slurm_env --exports)"`` in a batch script or an srun task;
-* :func:`launch.distributed.init_distributed` calls :func:`apply_slurm_env` when SLURM_PROCID is set
-  and RANK is not, so ``srun python launch/train.py ...`` needs nothing else;
+* :func:`launch.distributed.init_distributed` calls :func:`apply_slurm_env` in an srun task whose
+  RANK is not set (:func:`in_slurm_task`), so ``srun python launch/train.py ...`` needs nothing else
+  (a process in the batch shell itself stays a world of one);
 * ``python -m launch.slurm_env --hostfile PATH --slots N`` writes ``<host> slots=N`` per node of the
   allocation for the ``deepspeed`` launcher (``--no_ssh --node_rank=$SLURM_NODEID`` or pdsh).
 
@@ -142,6 +143,13 @@ def torch_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     addr = env.get("MASTER_ADDR") or hostnames(_nodelist(env, step=True))[0]
     return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local), "MASTER_ADDR": addr,
             "MASTER_PORT": str(master_port(env))}
+
+
+def in_slurm_task(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process is a task of an srun step (not the batch shell) and RANK is not set yet."""
+    env = os.environ if env is None else env
+    return ("RANK" not in env and "SLURM_PROCID" in env
+            and bool(env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")))
 
 
 def apply_slurm_env(environ: dict | None = None) -> dict[str, str]:

@@ -447,3 +447,8 @@ def test_init_distributed_maps_slurm_variables():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-4:] == ["0", "1", "localhost", "1"], proc.stdout
+    from launch.slurm_env import in_slurm_task
+
+    # the batch shell of a 2-task job (no step id) is not a rank: the hook leaves it a world of one
+    assert not in_slurm_task({k: v for k, v in e.items() if k != "SLURM_STEP_ID"})
+    assert not in_slurm_task({**e, "RANK": "3"}) and in_slurm_task(e)
