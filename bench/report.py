@@ -129,7 +129,6 @@ def attention_section(d: dict, out_dir: str) -> list[str]:
              f"once. Peak memory: {s['memory']}. Skips: {s.get('max_case_seconds')} s per call predicted, or "
              f"{s.get('memory_budget_fraction_of_available')} of available RAM predicted (n^2 scaling from the previous "
              "size; the prediction is shown).", ""]
-    lines += attention_checks(d) + [""]
     for dt in s["dtypes"]:
         lines += [f"### {dt}", "", "| variant | kind | n | fwd ms | fwd+bwd ms | x SDPA time | peak MiB | x SDPA mem | note |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -169,16 +168,18 @@ def _plot_attention(d: dict, out_dir: str) -> list[str]:
         for r in d["rows"]:
             if r["variant"] not in variants:
                 variants.append(r["variant"])
-        for v in variants:
+        cmap = plt.get_cmap("tab20")
+        for vi, v in enumerate(variants):
             pts = [(r["n"], r["fwd_bwd_ms"], r.get("peak_mem_mb")) for r in d["rows"]
                    if r["variant"] == v and r["dtype"] == dt and r.get("status") == "ok"]
             if not pts:
                 continue
             style = "--" if v in ("linformer_pkg", "reformer_lsh", "hf_yoso_e") else "-"
             lw = 2.5 if v == "sdpa" else 1.2
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", lw=lw, label=v)
+            color = "black" if v == "sdpa" else cmap(vi % 20)
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", lw=lw, label=v, color=color)
             mp = [p for p in pts if p[2]]
-            axes[1].plot([p[0] for p in mp], [p[2] for p in mp], style, marker="o", lw=lw, label=v)
+            axes[1].plot([p[0] for p in mp], [p[2] for p in mp], style, marker="o", lw=lw, label=v, color=color)
         for ax, yl in zip(axes, ("forward + backward (ms)", "peak RSS growth (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -232,7 +233,6 @@ def train_section(d: dict, out_dir: str) -> list[str]:
              f"{s['tokens_per_step']} tokens per step (batch = tokens / n); forward + backward + AdamW step; "
              f"{s['timing']}, {s['repeats']} rounds. Precision: fp32, or bf16 = {s['bf16']}. "
              f"Peak FLOP/s for MFU ({s['peak_source']}): {peaks}.", ""]
-    lines += train_checks(d) + [""]
     lines += ["| model | n | dtype | precision | batch | params | step s | tokens/s | x HF | GFLOP/step | GFLOP/s | MFU | note |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
@@ -316,12 +316,19 @@ def refresh(results: str = common.RESULTS, md: str = MD, notes: str | None = Non
     if notes is None and os.path.exists(notes_path):
         with open(notes_path) as f:
             notes = f.read()
-    if notes:
-        lines += [notes.strip(), ""]
+    loaded = {name: _load(results, name) for name in ("attention", "train_step", "loader")}
+    if loaded["attention"] is not None or loaded["train_step"] is not None:
+        lines += ["## The figures the issues ask for", "",
+                  "Verdicts from the tables below (see the notes at the end for the noise level and profiles).", ""]
+        if loaded["attention"] is not None:
+            lines += attention_checks(loaded["attention"]) + [""]
+        if loaded["train_step"] is not None:
+            lines += train_checks(loaded["train_step"]) + [""]
     for name, fn in (("attention", attention_section), ("train_step", train_section), ("loader", loader_section)):
-        d = _load(results, name)
-        if d is not None:
-            lines += fn(d, results)
+        if loaded[name] is not None:
+            lines += fn(loaded[name], results)
+    if notes:
+        lines += ["# Notes", "", notes.strip().replace("\n## ", "\n### ").replace("## ", "### ", 1), ""]
     text = "\n".join(lines) + "\n"
     with open(md, "w") as f:
         f.write(text)
