@@ -24,6 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4")
     args = parser.parse_args(argv)
+    from launch.slurm_env import SlurmEnvError, apply_slurm_env, in_slurm_task
+
+    if in_slurm_task():  # `srun python launch/train.py`: rank and world size from SLURM_* before validation
+        try:
+            apply_slurm_env()
+        except SlurmEnvError as e:
+            return error_exit(e, int(os.environ.get("SLURM_PROCID", "0") or 0))
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     log = logging.getLogger("launch.train")

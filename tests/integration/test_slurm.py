@@ -452,3 +452,18 @@ def test_init_distributed_maps_slurm_variables():
     # the batch shell of a 2-task job (no step id) is not a rank: the hook leaves it a world of one
     assert not in_slurm_task({k: v for k, v in e.items() if k != "SLURM_STEP_ID"})
     assert not in_slurm_task({**e, "RANK": "3"}) and in_slurm_task(e)
+
+
+def test_bare_srun_train_validates_against_the_slurm_world():
+    """`srun python launch/train.py` (no --exports first): launch/train.py maps SLURM_* before it
+    validates the config, so a 3-task step with TP=2 is refused in one line, before any process group."""
+    e = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    e.update(SLURM_PROCID="0", SLURM_NTASKS="3", SLURM_LOCALID="0", SLURM_JOB_ID="78", SLURM_STEP_ID="0",
+             SLURM_JOB_NODELIST="localhost")
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/demo.yaml",
+                           "parallel.tensor_model_parallel_size=2"], cwd=ROOT, env=e, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors == ["error: world size 3 is not divisible by parallel.tensor_model_parallel_size=2; "
+                      "launch a multiple of the TP degree or lower it"], proc.stderr[-3000:]
