@@ -73,11 +73,24 @@ def linformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         keep = key_padding_mask[:, None, :, None].to(k.dtype)  # [b, 1, n, 1]
         k, v = k * keep, v * keep
     E, F = E[..., :n].to(k.dtype), F[..., :n].to(v.dtype)
-    # [k, n] @ [b, h, n, d] or [h, k, n] @ [b, h, n, d] -> [b, h, k, d]
-    k_proj = torch.matmul(E, k)
-    v_proj = torch.matmul(F, v)
+    k_proj, v_proj = _project(E, k), _project(F, v)
     return nnf.scaled_dot_product_attention(q, k_proj, v_proj, dropout_p=dropout_p,
                                           scale=1.0 / math.sqrt(q.shape[-1]))
+
+
+def _project(P: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """P [k, n] (shared by heads) or [h, k, n] (per head) times x [b, h, n, d] -> [b, h, k, d].
+
+    A shared P is applied as one GEMM in the sequence-first layout: megatron hands the core its
+    [s, b, h, d] tensors as permuted views, so ``[n, b*h*d]`` is a free view and there is no copy
+    (``torch.matmul(P, x)`` folds x into a transposed copy for a contiguous [b, h, n, d] input and
+    its gradient); a per-head P is a batched matmul.
+    """
+    if P.dim() == 3:
+        return torch.matmul(P, x)  # [h, k, n] @ [b, h, n, d] -> [b, h, k, d]
+    b, h, n, d = x.shape
+    xs = x.permute(2, 0, 1, 3).reshape(n, b * h * d)  # [b, h, n, d] -> [n, b*h*d]
+    return (P @ xs).view(P.shape[0], b, h, d).permute(1, 2, 0, 3)  # [k, b, h, d] -> [b, h, k, d]
 
 
 @register("linformer", LinformerConfig)
