@@ -52,7 +52,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.errors import DataError
-from data_pipeline.masking import Masker
+from data_pipeline.masking import Masker, word_start_table
 from data_pipeline.prepare import FORMAT_VERSION, MANIFEST, SAMPLE_KEY
 from data_pipeline.tokenizer import sha256_file
 
@@ -219,9 +219,13 @@ class _Split:
         self.total = sum(self.counts)
         sp = manifest["special_ids"]
         self.pad_id = sp["pad"]
+        masking = getattr(d, "masking", "token")
+        word_start = (word_start_table(os.path.join(self.data_dir, manifest["tokenizer"]["path"]),
+                                       manifest["tokenizer"]["sha256"]) if masking == "whole_word" else None)
         self.masker = Masker(special_ids=frozenset(sp.values()), vocab_size=manifest["vocab_size"],
                              mask_id=sp["mask"], mask_prob=d.mask_prob, mask_token_prob=d.mask_token_prob,
-                             random_token_prob=d.random_token_prob)
+                             random_token_prob=d.random_token_prob, masking=masking,
+                             max_ngram=getattr(d, "max_ngram", 1), word_start=word_start)
 
 
 # --------------------------------------------------------------------------------------------

@@ -90,6 +90,13 @@ class DataConfig:
     """Of the chosen tokens, the fraction replaced by [MASK]."""
     random_token_prob: float = 0.1
     """Of the chosen tokens, the fraction replaced by a random non-special token (rest unchanged)."""
+    masking: Literal["token", "whole_word"] = "token"
+    """What MLM masking chooses: ``token`` picks single tokens; ``whole_word`` picks whole sentencepiece
+    words (a piece starting with "\u2581" plus the pieces after it) until mask_prob of the real tokens are
+    covered; the 80/10/10 rule then applies per token."""
+    max_ngram: int = 1
+    """With ``masking: whole_word``, the longest span of consecutive words chosen at once: lengths
+    1..max_ngram are drawn with probability proportional to 1/length (1 = single words)."""
     shuffle_buffer: int = 2000
     """Samples held in the seeded shuffle buffer of the train loader."""
     num_workers: int = 0
@@ -306,6 +313,11 @@ class ExperimentConfig:
         if d.mask_token_prob + d.random_token_prob > 1.0:
             raise ConfigError("data.mask_token_prob + data.random_token_prob must be <= 1 "
                               f"(got {d.mask_token_prob} + {d.random_token_prob})")
+        if d.max_ngram < 1:
+            raise ConfigError(f"data.max_ngram={d.max_ngram} must be an integer >= 1 (1 = single words)")
+        if d.max_ngram > 1 and d.masking != "whole_word":
+            raise ConfigError(f"data.max_ngram={d.max_ngram} needs data.masking=whole_word "
+                              f"(got {d.masking!r}); valid choices of data.masking: token, whole_word")
         if d.mask_prob <= 0:
             raise ConfigError("data.mask_prob must be > 0: the MLM loss needs masked tokens")
         if t.zero_stage not in (0, 1, 2, 3):
