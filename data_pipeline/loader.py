@@ -21,6 +21,25 @@ never consulted):
    and the DataLoader's round-robin over workers makes the batch order a pure function of
    (seed, dp_rank, dp_size, num_workers, micro_batch_size). It is infinite: epochs follow each other.
 
+Bad data (training goes on): a shard that cannot be opened or read (missing file, unreachable URL,
+garbage bytes, a tar truncated mid-way) and a sample whose ``ids.npy`` does not decode to ``seq_len``
+integer ids are skipped with a warning and counted in ``TrainLoader.corrupt_samples_skipped`` (the
+trainer logs it as ``data/corrupt_samples_skipped``, summed over data-parallel ranks). A local shard
+whose size or sha256 differs from the manifest is a one-line error by default; with
+``data.on_checksum_mismatch: skip`` its samples are skipped and counted the same way. **Equal step
+counts**: the plan (slots, ``steps_per_epoch``) comes from the manifest's sample counts, never from what
+could be read, so every rank keeps its step count; a slot left short by skipped samples **refills** from
+the samples after its range (the next slots' ranges in the epoch's order, wrapping around; read
+unshuffled, not counted again), so no sample is invented and only the short slot's batches change. If no
+sample of the split can be read at all, the loader raises DataError.
+
+Remote shards: ``data.data_dir`` may be an http(s) URL (manifest.json is fetched from it and the shards
+are read next to it), and ``data.shard_url_prefix`` may name where the shards live: a directory, a URL,
+or a ``pipe:`` command, with ``{name}`` standing for the shard's file name when it is not last
+(``pipe:aws s3 cp s3://bucket/data/{name} -``). Streams are opened with ``webdataset.gopen``. Remote
+shards are not checksummed (each slot streams only part of a shard; hashing would need a second full
+download): only the tar and sample checks above apply to them.
+
 Resume: ``build_train_loader(..., consumed_micro_batches=k)`` (or ``load_state_dict``) continues
 with exactly the batches an uninterrupted run yields after its first k: workers replay their
 epoch's stream without decoding or masking the skipped batches, and at most W-1 batches are
@@ -43,6 +62,7 @@ import json
 import logging
 import os
 import random
+import tarfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,6 +80,31 @@ log = logging.getLogger(__name__)
 
 _PREPARE_HINT = "python -m data_pipeline.prepare --config <your config>"
 _warned: set[str] = set()
+_SKIPPED = "_corrupt_samples_skipped"  # private batch key: samples skipped since the worker's last batch
+_hash_cache: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256, so rebuilt loaders do not re-hash
+
+
+def is_remote(location: str) -> bool:
+    """True for locations only webdataset's gopen can open (``pipe:`` commands, URLs)."""
+    return location.startswith("pipe:") or "://" in location
+
+
+def shard_location(data_dir: str, name: str, prefix: str = "") -> str:
+    """Where shard ``name`` is read from: ``prefix`` (``{name}`` replaced, else ``prefix/name``) or ``data_dir``."""
+    base = prefix or data_dir
+    if "{name}" in base:
+        return base.replace("{name}", name)
+    if is_remote(base):
+        return base.rstrip("/") + "/" + name
+    return os.path.join(base, name)
+
+
+def _sha256_cached(path: str) -> str:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _hash_cache:
+        _hash_cache[key] = sha256_file(path)
+    return _hash_cache[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,29 +113,47 @@ _warned: set[str] = set()
 
 
 def read_manifest(data_dir: str, verify: bool = False) -> dict:
-    """Load ``<data_dir>/manifest.json`` and check that its shard files exist (and, with
-    ``verify``, that their sha256 match).
+    """Load ``<data_dir>/manifest.json`` (``data_dir`` may be an http(s) URL) and check its shard files.
+
+    A local shard file that is missing is a warning (the train loader skips and counts it) unless every
+    shard is missing (a wrong or unprepared ``data_dir``). With ``verify``, every local shard must exist
+    and match the manifest's size and sha256. Remote shards are not checked here.
 
     Raises:
-        DataError: missing or unreadable manifest, missing or changed shard files.
+        DataError: missing or unreadable manifest, all shard files missing, (``verify``) a changed shard.
     """
-    path = os.path.join(data_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise DataError(f"no {MANIFEST} in {data_dir}: run `{_PREPARE_HINT}` first")
+    path = shard_location(data_dir, MANIFEST)
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is unreadable ({e}); re-run `{_PREPARE_HINT}`") from None
+        if is_remote(data_dir):
+            with wds.gopen(path, "rb") as f:
+                manifest = json.loads(f.read().decode())
+        else:
+            if not os.path.isfile(path):
+                raise DataError(f"no {MANIFEST} in {data_dir}: run `{_PREPARE_HINT}` first")
+            with open(path) as f:
+                manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        msg = str(e).replace("\n", " ")
+        raise DataError(f"{path} is unreadable ({msg}); re-run `{_PREPARE_HINT}`") from None
     if manifest.get("format") != FORMAT_VERSION:
         raise DataError(f"{path} has format {manifest.get('format')}, this code reads {FORMAT_VERSION}; "
                         f"re-run `{_PREPARE_HINT}`")
-    for shard in manifest["shards"]:
-        p = os.path.join(data_dir, shard["name"])
-        if not os.path.isfile(p):
-            raise DataError(f"shard {p} listed in {path} is missing; re-run `{_PREPARE_HINT}`")
-        if os.path.getsize(p) != shard["bytes"] or (verify and sha256_file(p) != shard["sha256"]):
-            raise DataError(f"shard {p} does not match {path} (size or sha256); re-run `{_PREPARE_HINT}`")
+    if is_remote(data_dir):
+        return manifest
+    missing = [s["name"] for s in manifest["shards"] if not os.path.isfile(os.path.join(data_dir, s["name"]))]
+    if missing and (verify or len(missing) == len(manifest["shards"])):
+        raise DataError(f"shard {os.path.join(data_dir, missing[0])} listed in {path} is missing "
+                        f"({len(missing)} of {len(manifest['shards'])} missing); re-run `{_PREPARE_HINT}`")
+    if missing:
+        log.warning("%d shard(s) listed in %s are missing (first: %s); their samples will be skipped",
+                    len(missing), path, missing[0])
+    if verify:
+        for shard in manifest["shards"]:
+            p = os.path.join(data_dir, shard["name"])
+            if os.path.getsize(p) != shard["bytes"] or sha256_file(p) != shard["sha256"]:
+                raise DataError(f"shard {p} does not match {path} (size or sha256); re-run `{_PREPARE_HINT}`")
     return manifest
 
 
@@ -131,21 +194,90 @@ def batches_per_slot(total: int, num_slots: int, micro_batch_size: int) -> int:
     return (total // num_slots) // micro_batch_size
 
 
-def read_segments(paths: list[str], segments: list[tuple[int, int, int]]) -> Iterator[tuple[str, bytes]]:
-    """``(key, ids.npy bytes)`` of the samples in ``segments``, read with webdataset's tar reader."""
-    for shard, lo, hi in segments:
-        i = 0
-        samples = wds.tariterators.tarfile_samples([{"url": paths[shard]}])
-        for sample in samples:
-            if i >= hi:
-                break
-            if i >= lo:
-                yield sample["__key__"], sample[SAMPLE_KEY]
-            i += 1
-        samples.close()
-        if i < hi:
-            raise DataError(f"shard {paths[shard]} holds {i} samples, fewer than {MANIFEST} says; "
-                            f"re-run `{_PREPARE_HINT} --force`")
+def _tar_samples(location: str) -> Iterator[dict]:
+    """The samples of one tar shard, opened with ``webdataset.gopen`` (a path, URL or ``pipe:``)."""
+    stream = wds.gopen(location, "rb")
+    try:
+        files = ({**f, "__url__": location} for f in wds.tariterators.tar_file_iterator(stream))
+        yield from wds.tariterators.group_by_keys(files)
+    finally:
+        stream.close()
+
+
+class SegmentReader:
+    """Reads ``(key, ids)`` of the samples in segments, skipping what cannot be read (see module doc).
+
+    Attributes:
+        skipped: samples skipped so far (unreadable shards, tails of broken tars, undecodable samples).
+    """
+
+    def __init__(self, locations: list[str], bad: dict[int, str], seq_len: int) -> None:
+        self.locations, self.bad, self.seq_len = locations, bad, seq_len
+        self.skipped = 0
+
+    def _skip(self, n: int, count: bool, msg: str, *args) -> None:
+        if count and n > 0:
+            self.skipped += n
+            log.warning("skipping %d sample(s): " + msg, n, *args)
+
+    def decode(self, sample: dict) -> np.ndarray | None:
+        """The sample's ids, or None when its ``ids.npy`` is missing or not ``seq_len`` integers."""
+        try:
+            ids = np.load(io.BytesIO(sample[SAMPLE_KEY]), allow_pickle=False)
+        except (KeyError, ValueError, OSError, EOFError):
+            return None
+        if ids.ndim != 1 or len(ids) != self.seq_len or ids.dtype.kind not in "iu":
+            return None
+        return ids
+
+    def read(self, segments: list[tuple[int, int, int]], count: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield the readable samples of ``segments``; ``count=False`` skips silently (refill reads)."""
+        for shard, lo, hi in segments:
+            loc = self.locations[shard]
+            if shard in self.bad:
+                self._skip(hi - lo, count, "shard %s %s", loc, self.bad[shard])
+                continue
+            i = 0
+            samples = _tar_samples(loc)
+            try:
+                for sample in samples:
+                    if i >= hi:
+                        break
+                    if i >= lo:
+                        ids = self.decode(sample)
+                        if ids is None:
+                            self._skip(1, count, "sample %s of shard %s does not decode to %d ids",
+                                       sample.get("__key__"), loc, self.seq_len)
+                        else:
+                            yield sample["__key__"], ids
+                    i += 1
+            except (OSError, ValueError, EOFError, tarfile.TarError, KeyError) as e:
+                self._skip(hi - max(i, lo), count, "shard %s is unreadable after %d samples (%s)",
+                           loc, i, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                i = hi
+            finally:
+                samples.close()
+            self._skip(hi - max(i, lo), count, "shard %s ends after %d samples, %s says %d",
+                       loc, i, MANIFEST, hi)
+
+
+def slot_stream(reader: SegmentReader, counts: list[int], order: list[int], slot: int, num_slots: int,
+                shuffle: int, rng: random.Random) -> Iterator[tuple[str, np.ndarray]]:
+    """The slot's own samples (buffer-shuffled), then refill samples from the following slots' ranges.
+
+    Raises:
+        DataError: the refill went all the way round without finding a readable sample.
+    """
+    yield from shuffle_buffer(reader.read(slot_segments(counts, order, slot, num_slots)), shuffle, rng)
+    while True:
+        found = False
+        for k in range(1, num_slots + 1):
+            for item in reader.read(slot_segments(counts, order, (slot + k) % num_slots, num_slots), count=False):
+                found = True
+                yield item
+        if not found:
+            raise DataError(f"no readable sample in {len(counts)} shard(s) (first: {reader.locations[0]}); "
+                            f"check the warnings above, then re-run `{_PREPARE_HINT} --force`")
 
 
 def shuffle_buffer(stream: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -171,13 +303,9 @@ class _Collate:
     def __init__(self, masker: Masker, pad_id: int, seed: int, with_keys: bool) -> None:
         self.masker, self.pad_id, self.seed, self.with_keys = masker, pad_id, seed, with_keys
 
-    def __call__(self, samples: list[tuple[str, bytes]], epoch: int) -> dict:
+    def __call__(self, samples: list[tuple[str, np.ndarray]], epoch: int) -> dict:
         inputs, labels, attn = [], [], []
-        for key, raw in samples:
-            try:
-                ids = np.load(io.BytesIO(raw), allow_pickle=False)
-            except ValueError as e:
-                raise DataError(f"sample {key} is not a valid .npy ({e}); re-run `{_PREPARE_HINT} --force`") from None
+        for key, ids in samples:
             x, y = self.masker(ids, self.seed, epoch, key)
             inputs.append(x)
             labels.append(y)
@@ -207,6 +335,7 @@ class _Split:
         if manifest["seq_len"] != d.seq_len:
             raise DataError(f"shards in {self.data_dir} hold seq_len={manifest['seq_len']} but data.seq_len="
                             f"{d.seq_len}; re-run `{_PREPARE_HINT}` or set data.seq_len={manifest['seq_len']}")
+        self._check_tokenizer(d, manifest)
         changed = [k for k, v in manifest["data_config"].items() if getattr(d, k, v) != v and k != "seq_len"]
         if changed and self.data_dir not in _warned:
             _warned.add(self.data_dir)
@@ -214,9 +343,12 @@ class _Split:
                         os.path.join(self.data_dir, MANIFEST), ", ".join(changed))
         self.manifest = manifest
         shards = [s for s in manifest["shards"] if s["split"] == split]
-        self.paths = [os.path.join(self.data_dir, s["name"]) for s in shards]
+        prefix = getattr(d, "shard_url_prefix", "")
+        self.paths = [shard_location(self.data_dir, s["name"], prefix) for s in shards]
         self.counts = [int(s["samples"]) for s in shards]
         self.total = sum(self.counts)
+        self.seq_len = int(manifest["seq_len"])
+        self.bad = self._check_shards(shards, getattr(d, "on_checksum_mismatch", "error"))
         sp = manifest["special_ids"]
         self.pad_id = sp["pad"]
         masking = getattr(d, "masking", "token")
@@ -226,6 +358,45 @@ class _Split:
                              mask_id=sp["mask"], mask_prob=d.mask_prob, mask_token_prob=d.mask_token_prob,
                              random_token_prob=d.random_token_prob, masking=masking,
                              max_ngram=getattr(d, "max_ngram", 1), word_start=word_start)
+
+
+    def _check_tokenizer(self, d, manifest: dict) -> None:
+        """One-line DataError when the shards were made with another tokenizer than the config's."""
+        made = manifest.get("data_config", {})
+        for key in ("vocab_size", "tokenizer_type"):
+            if key in made and getattr(d, key, made[key]) != made[key]:
+                raise DataError(f"shards in {self.data_dir} were made with another tokenizer ({key}={made[key]!r}, "
+                                f"config data.{key}={getattr(d, key)!r}); set data.{key}={made[key]!r} or re-run "
+                                f"`{_PREPARE_HINT} --force`")
+        tok = manifest.get("tokenizer", {})
+        path = os.path.join(self.data_dir, tok.get("path", ""))
+        if not is_remote(self.data_dir) and tok.get("path") and os.path.isfile(path):
+            if _sha256_cached(path) != tok.get("sha256"):
+                raise DataError(f"shards in {self.data_dir} were made with another tokenizer than {path} (sha256 "
+                                f"{tok.get('sha256', '?')[:12]} in {MANIFEST}); re-run `{_PREPARE_HINT} --force`")
+
+    def _check_shards(self, shards: list[dict], on_mismatch: str) -> dict[int, str]:
+        """``{shard index: why}`` of the local shards to skip: missing, or (``skip`` mode) changed ones.
+
+        Raises:
+            DataError: a local shard's size or sha256 differs from the manifest and ``on_mismatch`` is error.
+        """
+        bad = {}
+        for i, (shard, loc) in enumerate(zip(shards, self.paths)):
+            if is_remote(loc):
+                continue  # not checksummed: see the module doc
+            if not os.path.isfile(loc):
+                bad[i] = "is missing"
+            elif os.path.getsize(loc) != shard["bytes"] or _sha256_cached(loc) != shard["sha256"]:
+                if on_mismatch != "skip":
+                    raise DataError(f"shard {loc} does not match its size/sha256 in {MANIFEST}; re-run "
+                                    f"`{_PREPARE_HINT} --force`, or set data.on_checksum_mismatch=skip to "
+                                    "train without it")
+                bad[i] = "does not match its sha256 in " + MANIFEST
+        return bad
+
+    def reader(self) -> SegmentReader:
+        return SegmentReader(self.paths, self.bad, self.seq_len)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,18 +416,27 @@ class _TrainStream(IterableDataset):
         self.collate = _Collate(split.masker, split.pad_id, seed, with_keys)
 
     def epoch_batches(self, epoch: int, worker: int, skip: int = 0) -> Iterator[dict]:
-        """This slot's batches of ``epoch``, the first ``skip`` of them replayed but not produced."""
+        """This slot's batches of ``epoch``, the first ``skip`` of them replayed but not produced.
+
+        Each batch carries the samples skipped since the previous one under a private key that
+        :class:`TrainLoader` pops (skips while replaying are not reported again).
+        """
         slot = self.dp_rank * self.workers + worker
         num_slots = self.dp_size * self.workers
         order = shard_order(len(self.split.counts), self.seed, epoch)
-        segments = slot_segments(self.split.counts, order, slot, num_slots)
-        stream = read_segments(self.split.paths, segments)
-        stream = shuffle_buffer(stream, self.shuffle,
-                                random.Random(derive_seed(self.seed, epoch, "shuffle", num_slots, slot)))
+        reader = self.split.reader()
+        stream = slot_stream(reader, self.split.counts, order, slot, num_slots, self.shuffle,
+                             random.Random(derive_seed(self.seed, epoch, "shuffle", num_slots, slot)))
+        reported = 0
         for b in range(self.per_slot):
             samples = [next(stream) for _ in range(self.mb)]
             if b >= skip:
-                yield self.collate(samples, epoch)
+                batch = self.collate(samples, epoch)
+                batch[_SKIPPED] = reader.skipped - reported
+                reported = reader.skipped
+                yield batch
+            else:
+                reported = reader.skipped
         stream.close()
 
     def __iter__(self) -> Iterator[dict]:
@@ -276,6 +456,8 @@ class TrainLoader:
         steps_per_epoch: micro batches per epoch, the same on every rank.
         consumed_micro_batches: micro batches this loader has yielded (plus the resumed offset).
         epoch: the epoch of the next batch.
+        corrupt_samples_skipped: samples of this rank skipped as unreadable (see module doc), since the
+            start of the run (restored from a checkpoint's loader state).
     """
 
     def __init__(self, cfg, dp_rank: int, dp_size: int, micro_batch_size: int, consumed_micro_batches: int = 0,
@@ -298,6 +480,7 @@ class TrainLoader:
                             f"{micro_batch_size}; add text, lower data.num_workers or the micro batch size")
         self.steps_per_epoch = self.per_slot * self.workers
         self.consumed_micro_batches = int(consumed_micro_batches)
+        self.corrupt_samples_skipped = 0
         self.shard_hash = hashlib.sha256(json.dumps(
             [(s["name"], s["sha256"]) for s in self.split.manifest["shards"] if s["split"] == "train"]).encode()
         ).hexdigest()[:16]
@@ -315,7 +498,7 @@ class TrainLoader:
         return {"epoch": self.epoch, "consumed_micro_batches": self.consumed_micro_batches,
                 "steps_per_epoch": self.steps_per_epoch, "dp_size": self.dp_size,
                 "num_workers": self.num_workers, "micro_batch_size": self.mb, "seed": self.seed,
-                "shards": self.shard_hash}
+                "shards": self.shard_hash, "corrupt_samples_skipped": self.corrupt_samples_skipped}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after ``state["consumed_micro_batches"]``; refuse a state from another layout."""
@@ -325,6 +508,7 @@ class TrainLoader:
                 raise DataError(f"cannot resume the train loader exactly: {key} was {state[key]!r}, now "
                                 f"{mine[key]!r}; restore the old value (or start the data order afresh)")
         self.consumed_micro_batches = int(state["consumed_micro_batches"])
+        self.corrupt_samples_skipped = int(state.get("corrupt_samples_skipped", 0))
 
     def __iter__(self) -> Iterator[dict]:
         consumed = self.consumed_micro_batches
@@ -335,8 +519,10 @@ class TrainLoader:
                               aligned % self.steps_per_epoch, self.with_keys)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers)
         for i, batch in enumerate(loader):
+            skipped = batch.pop(_SKIPPED)
             if i < discard:
                 continue
+            self.corrupt_samples_skipped += skipped
             self.consumed_micro_batches += 1
             yield batch
 
@@ -371,9 +557,9 @@ class _ValStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker, _ = _worker()
         slot = self.dp_rank * self.workers + worker
-        segments = slot_segments(self.split.counts, list(range(len(self.split.counts))), slot,
-                                 self.dp_size * self.workers)
-        stream = read_segments(self.split.paths, segments)
+        reader = self.split.reader()
+        stream = slot_stream(reader, self.split.counts, list(range(len(self.split.counts))), slot,
+                             self.dp_size * self.workers, 0, random.Random(0))
         for b in range(self.per_slot):
             if b * self.workers + worker >= self.num_batches:  # round-robin index of this batch
                 break

@@ -103,6 +103,14 @@ class DataConfig:
     """DataLoader worker processes per rank (0 = load in the training process)."""
     prepare_workers: int = 0
     """Processes for corpus gathering and tokenization; 0 = one per CPU core."""
+    shard_url_prefix: str = ""
+    """Where the train/val shards are read from, when not next to manifest.json in data_dir: a directory,
+    an http(s) URL or a ``pipe:`` command (anything ``webdataset.gopen`` opens); ``{name}`` stands for
+    the shard's file name (``pipe:aws s3 cp s3://bucket/data/{name} -``), else the name is appended
+    after a ``/``. Empty = data_dir (itself a local directory or an http(s) URL)."""
+    on_checksum_mismatch: Literal["error", "skip"] = "error"
+    """A local shard whose size or sha256 differs from manifest.json: ``error`` stops with a one-line
+    message; ``skip`` trains without its samples, counted in data/corrupt_samples_skipped."""
 
 
 @dataclass
@@ -320,6 +328,9 @@ class ExperimentConfig:
                               f"(got {d.masking!r}); valid choices of data.masking: token, whole_word")
         if d.mask_prob <= 0:
             raise ConfigError("data.mask_prob must be > 0: the MLM loss needs masked tokens")
+        if d.shard_url_prefix.replace("{name}", "").count("{") or d.shard_url_prefix.count("{name}") > 1:
+            raise ConfigError(f"data.shard_url_prefix={d.shard_url_prefix!r}: the only placeholder allowed is "
+                              "one {name} (the shard's file name)")
         if t.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage={t.zero_stage} is invalid; valid choices: 0, 1, 2, 3")
         if t.offload_optimizer and t.zero_stage == 0:

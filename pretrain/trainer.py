@@ -529,8 +529,10 @@ class Trainer:
         t = self.cfg.train
         # [loss sum, predicted, correct, tokens, samples, analytic FLOPs (pretrain.compute.FLOP_FIELDS)]
         # summed over data-parallel ranks
-        red = all_reduce_sum([*window.tolist(), float(thr.tokens), float(thr.samples), *self.monitor.local_flops()],
-                             data_parallel_group())
+        # ... and last, this rank's corrupt samples skipped by the loader (summed: the run's total)
+        skipped = float(getattr(self.loader, "corrupt_samples_skipped", 0))
+        red = all_reduce_sum([*window.tolist(), float(thr.tokens), float(thr.samples), *self.monitor.local_flops(),
+                              skipped], data_parallel_group())
         n = max(red[1].item(), 1.0)
         start_step = thr.start_step
         perf = thr.report(self.step, red[3].item(), red[4].item())
@@ -544,9 +546,10 @@ class Trainer:
                   "train/skipped_steps": getattr(self.engine, "skipped_steps", 0),
                   **{k: v for k, v in perf.items() if k.startswith("perf/")},
                   "data/tokens": self.consumed_tokens,
-                  "data/epoch": self.loader.epoch if self.loader is not None else None}
+                  "data/epoch": self.loader.epoch if self.loader is not None else None,
+                  "data/corrupt_samples_skipped": red[-1].item()}
         # compute/*, perf/tflops_per_device, perf/mfu, memory/peak_gb; data wait as the max over ranks
-        values.update(self.monitor.window_values(self.step, red[5:].tolist(), perf, start_step))
+        values.update(self.monitor.window_values(self.step, red[5:-1].tolist(), perf, start_step))
         self.metrics.scalars(self.step, values)
         if self.dist.is_main:
             mfu = values.get("perf/mfu")
