@@ -236,3 +236,15 @@ def test_resume_over_bad_data_is_exact(make_cfg, corrupt):
     resumed = L.build_train_loader(cfg, 0, 2, 32, with_keys=True)
     resumed.load_state_dict({**full_loader.state_dict(), "consumed_micro_batches": k})
     assert all(_same(a, b) for a, b in zip(full[k:], _take(resumed, len(full) - k)))
+
+
+def test_new_data_fields_are_validated():
+    from launch.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="on_checksum_mismatch") as err:
+        load_config(None, ["data.on_checksum_mismatch=ignore"])
+    assert "\n" not in str(err.value) and "error, skip" in str(err.value)
+    with pytest.raises(ConfigError, match="only placeholder allowed is one {name}"):
+        load_config(None, ["data.shard_url_prefix=pipe:cat /d/{shard}"])
+    assert L.shard_location("/d", "a.tar", "pipe:cat /x/{name}") == "pipe:cat /x/a.tar"
+    assert L.shard_location("http://h/d/", "a.tar") == "http://h/d/a.tar"
