@@ -46,6 +46,11 @@ epoch's stream without decoding or masking the skipped batches, and at most W-1 
 produced and dropped to re-align the round-robin. Resuming needs the same dp_size, num_workers,
 micro_batch_size and shards; :meth:`TrainLoader.load_state_dict` refuses anything else.
 
+Blending (``data.blend``, see :class:`BlendedTrainLoader`): one train loader as above per prepared dir,
+interleaved sample by sample by a fixed schedule over this rank's sample positions (largest deficit
+``weight * (i + 1) - taken`` first), so proportions match the weights to within one sample and resume
+follows from the consumed count. Empty ``data.blend`` leaves everything above unchanged.
+
 Validation: the val shards in manifest order, no shuffle, split into contiguous ranges the same way,
 masks seeded by (seed, 0, key) so every evaluation sees identical batches; finite.
 
@@ -538,7 +543,184 @@ def build_train_loader(cfg, dp_rank: int, dp_size: int, micro_batch_size: int, c
         consumed_micro_batches: batches this rank already consumed (resume point).
         **kw: ``with_keys=True`` adds ``batch["keys"]`` (sample keys); ``data_dir`` overrides cfg.data.data_dir.
     """
+    if getattr(cfg.data, "blend", None) and kw.get("data_dir") is None:
+        return BlendedTrainLoader(cfg, dp_rank, dp_size, micro_batch_size, consumed_micro_batches,
+                                  with_keys=kw.get("with_keys", False))
     return TrainLoader(cfg, dp_rank, dp_size, micro_batch_size, consumed_micro_batches, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Blending
+# --------------------------------------------------------------------------------------------
+
+BLEND_PERIOD = 1 << 16
+"""Length of the blend schedule's period (see :func:`blend_quotas`)."""
+
+
+def blend_quotas(weights: list[float], period: int = BLEND_PERIOD) -> tuple[int, ...]:
+    """Integer shares of ``period`` proportional to ``weights`` (largest remainder, ties to the lower index)."""
+    total = float(sum(weights))
+    if total <= 0 or any(w < 0 for w in weights):
+        raise DataError(f"blend weights {list(weights)} must be >= 0 and not all zero")
+    exact = [w / total * period for w in weights]
+    quotas = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda d: (-(exact[d] - quotas[d]), d))
+    for d in by_remainder[:period - sum(quotas)]:
+        quotas[d] += 1
+    return tuple(quotas)
+
+
+_schedule_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def blend_schedule(quotas: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``(choice, prefix)`` of one period: ``choice[i]`` is the dataset of position i, ``prefix[n]`` the
+    per-dataset counts of positions ``0..n-1``.
+
+    Position i goes to the dataset with the largest deficit ``quota_d * (i + 1) - count_d * period``
+    (Megatron's BlendedDataset rule, in integers; ties to the lowest index). Every dataset then stays
+    within one sample of ``quota_d / period`` of every prefix and holds exactly ``quota_d`` at the end
+    of the period, so the schedule repeats with that period.
+    """
+    if quotas not in _schedule_cache:
+        period, n = sum(quotas), len(quotas)
+        counts = [0] * n
+        choice = np.empty(period, dtype=np.int64)
+        prefix = np.zeros((period + 1, n), dtype=np.int64)
+        for i in range(period):
+            best, best_deficit = 0, None
+            for d in range(n):
+                deficit = quotas[d] * (i + 1) - counts[d] * period
+                if best_deficit is None or deficit > best_deficit:
+                    best, best_deficit = d, deficit
+            counts[best] += 1
+            choice[i] = best
+            prefix[i + 1] = counts
+        assert counts == list(quotas)
+        _schedule_cache[quotas] = (choice, prefix)
+    return _schedule_cache[quotas]
+
+
+def blend_counts(quotas: tuple[int, ...], n: int) -> list[int]:
+    """How many of the first ``n`` blended samples each dataset gives (a pure function of n)."""
+    _, prefix = blend_schedule(quotas)
+    period = sum(quotas)
+    full, rest = divmod(int(n), period)
+    return [full * q + int(c) for q, c in zip(quotas, prefix[rest])]
+
+
+def check_blend_tokenizers(primary: str, dirs: list[str]) -> None:
+    """One-line DataError unless every blended dir was prepared with ``primary``'s tokenizer (sha256)."""
+    ref = read_manifest(primary).get("tokenizer", {}).get("sha256")
+    for i, d in enumerate(dirs):
+        sha = read_manifest(d).get("tokenizer", {}).get("sha256")
+        if sha != ref:
+            raise DataError(f"data.blend[{i}].data_dir={d} was prepared with tokenizer sha256 {str(sha)[:12]}, "
+                            f"data.data_dir={primary} with {str(ref)[:12]}: blended datasets must share one "
+                            f"tokenizer; re-prepare {d} with that tokenizer or drop it from data.blend")
+
+
+class BlendedTrainLoader:
+    """Infinite, resumable blend of several prepared train sets for one data-parallel rank.
+
+    ``data.blend`` lists ``{data_dir, weight}``. Each dir gets its own :class:`TrainLoader` (same rank,
+    micro batch and seed; its own shard order, epochs, workers and bad-data handling). This rank's
+    blended sample position i takes the next sample of dataset ``blend_schedule(quotas)[0][i % period]``
+    and ``micro_batch_size`` consecutive positions form a batch, so batches mix datasets and every rank
+    takes the same steps (the schedule is the same on every rank, applied to its own positions). The
+    proportions are the weights' to within one sample of every prefix (weights rounded to 1/65536).
+
+    Resume: after k micro batches, dataset d has given ``blend_counts(quotas, k * mb)[d]`` samples, so
+    its loader resumes at ``count // mb`` batches and drops the first ``count % mb`` samples of the next.
+
+    Attributes:
+        steps_per_epoch: the sum of the datasets' own steps_per_epoch (one blended "epoch" has as many
+            samples as one pass over every dataset); each dataset reshuffles on its own epochs.
+        consumed_micro_batches, epoch, corrupt_samples_skipped: as for :class:`TrainLoader`.
+    """
+
+    def __init__(self, cfg, dp_rank: int, dp_size: int, micro_batch_size: int, consumed_micro_batches: int = 0,
+                 *, with_keys: bool = False) -> None:
+        self.blend = [{"data_dir": str(b["data_dir"]), "weight": float(b["weight"])} for b in cfg.data.blend]
+        dirs = [b["data_dir"] for b in self.blend]
+        check_blend_tokenizers(cfg.data.data_dir, dirs)
+        self.quotas = blend_quotas([b["weight"] for b in self.blend])
+        self.mb, self.dp_size, self.with_keys = micro_batch_size, dp_size, with_keys
+        self.loaders = [TrainLoader(cfg, dp_rank, dp_size, micro_batch_size, with_keys=with_keys, data_dir=d)
+                        for d in dirs]
+        self.steps_per_epoch = sum(ld.steps_per_epoch for ld in self.loaders)
+        self.num_workers, self.seed = self.loaders[0].num_workers, self.loaders[0].seed
+        self.shard_hash = hashlib.sha256(json.dumps(
+            [self.quotas, [ld.shard_hash for ld in self.loaders]]).encode()).hexdigest()[:16]
+        self.consumed_micro_batches = int(consumed_micro_batches)
+        self.corrupt_samples_skipped = 0
+        blend_schedule(self.quotas)
+        log.info("blended train loader: %s -> %d micro batches per epoch, resuming at %d",
+                 ", ".join(f"{d} x{q / BLEND_PERIOD:.4f}" for d, q in zip(dirs, self.quotas)),
+                 self.steps_per_epoch, self.consumed_micro_batches)
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed_micro_batches // self.steps_per_epoch
+
+    def dataset_samples(self) -> list[int]:
+        """Samples each dataset has given this rank so far."""
+        return blend_counts(self.quotas, self.consumed_micro_batches * self.mb)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to resume this blend exactly (the datasets' positions follow from it)."""
+        counts = self.dataset_samples()
+        return {"epoch": self.epoch, "consumed_micro_batches": self.consumed_micro_batches,
+                "steps_per_epoch": self.steps_per_epoch, "dp_size": self.dp_size,
+                "num_workers": self.num_workers, "micro_batch_size": self.mb, "seed": self.seed,
+                "shards": self.shard_hash, "corrupt_samples_skipped": self.corrupt_samples_skipped,
+                "blend": self.blend, "dataset_samples": counts,
+                "dataset_epochs": [c // (ld.steps_per_epoch * self.mb) for c, ld in zip(counts, self.loaders)]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after ``state["consumed_micro_batches"]``; refuse a state from another layout or blend."""
+        mine = self.state_dict()
+        for key in ("dp_size", "num_workers", "micro_batch_size", "seed", "shards"):
+            if key in state and state[key] != mine[key]:
+                what = " (data.blend dirs/weights or their shards)" if key == "shards" else ""
+                raise DataError(f"cannot resume the blended train loader exactly: {key}{what} was {state[key]!r}, "
+                                f"now {mine[key]!r}; restore the old value (or start the data order afresh)")
+        self.consumed_micro_batches = int(state["consumed_micro_batches"])
+        self.corrupt_samples_skipped = int(state.get("corrupt_samples_skipped", 0))
+
+    def __iter__(self) -> Iterator[dict]:
+        choice, _ = blend_schedule(self.quotas)
+        period = len(choice)
+        pos = self.consumed_micro_batches * self.mb
+        counts = blend_counts(self.quotas, pos)
+        n = len(self.loaders)
+        drop = [c % self.mb for c in counts]  # samples of the next batch already taken before the resume
+        for ld, c in zip(self.loaders, counts):
+            ld.consumed_micro_batches = c // self.mb
+        iters: list[Iterator[dict] | None] = [None] * n
+        current: list[dict | None] = [None] * n
+        row = [self.mb] * n
+        while True:
+            picks = []
+            for _ in range(self.mb):
+                d = int(choice[pos % period])
+                pos += 1
+                if row[d] == self.mb:
+                    if iters[d] is None:
+                        iters[d] = iter(self.loaders[d])
+                    before = self.loaders[d].corrupt_samples_skipped
+                    current[d] = next(iters[d])
+                    if drop[d] == 0:  # a resumed partial batch was counted before the checkpoint
+                        self.corrupt_samples_skipped += self.loaders[d].corrupt_samples_skipped - before
+                    row[d], drop[d] = drop[d], 0
+                picks.append((d, current[d], row[d]))  # the batch itself: current[d] may move on
+                row[d] += 1
+            batch = {k: torch.stack([b[k][r] for _, b, r in picks])
+                     for k in ("input_ids", "attention_mask", "labels", "token_type_ids")}
+            if self.with_keys:
+                batch["keys"] = [f"{d}/{b['keys'][r]}" for d, b, r in picks]
+            self.consumed_micro_batches += 1
+            yield batch
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -111,6 +112,12 @@ class DataConfig:
     on_checksum_mismatch: Literal["error", "skip"] = "error"
     """A local shard whose size or sha256 differs from manifest.json: ``error`` stops with a one-line
     message; ``skip`` trains without its samples, counted in data/corrupt_samples_skipped."""
+    blend: list = field(default_factory=list)
+    """Corpus blending for training: a list of ``{data_dir: <prepared dir>, weight: <number >= 0>}``
+    (empty = off: train on data_dir alone). Samples are drawn from the dirs in proportion to the weights
+    (normalized by their sum) by a fixed interleave schedule; each dir keeps its own shuffled epochs.
+    Every dir must be prepared with the tokenizer of data_dir (same sha256), which stays the model's
+    vocabulary and the validation set (validation does not blend)."""
 
 
 @dataclass
@@ -331,6 +338,7 @@ class ExperimentConfig:
         if d.shard_url_prefix.replace("{name}", "").count("{") or d.shard_url_prefix.count("{name}") > 1:
             raise ConfigError(f"data.shard_url_prefix={d.shard_url_prefix!r}: the only placeholder allowed is "
                               "one {name} (the shard's file name)")
+        _validate_blend(d.blend)
         if t.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage={t.zero_stage} is invalid; valid choices: 0, 1, 2, 3")
         if t.offload_optimizer and t.zero_stage == 0:
@@ -437,6 +445,36 @@ def _positive(cfg: ExperimentConfig, keys: list[str]) -> None:
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+
+
+BLEND_KEYS = ("data_dir", "weight")
+
+
+def _validate_blend(blend: list) -> None:
+    """``data.blend``: mappings with a non-empty data_dir and a finite weight >= 0, not all zero."""
+    for i, entry in enumerate(blend):
+        key = f"data.blend[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{key}={entry!r} must be a mapping {{data_dir: <dir>, weight: <number>}}")
+        unknown = [k for k in entry if k not in BLEND_KEYS]
+        if unknown:
+            raise ConfigError(f"unknown config key '{key}.{unknown[0]}'; valid keys under {key}: "
+                              f"{', '.join(BLEND_KEYS)}")
+        missing = [k for k in BLEND_KEYS if k not in entry]
+        if missing:
+            raise ConfigError(f"{key} has no {missing[0]}; give both {', '.join(BLEND_KEYS)}")
+        if not isinstance(entry["data_dir"], str) or not entry["data_dir"]:
+            raise ConfigError(f"{key}.data_dir={entry['data_dir']!r} must be a non-empty string (a prepared dir)")
+        w = entry["weight"]
+        if isinstance(w, str):
+            try:
+                w = entry["weight"] = float(w)
+            except ValueError:
+                pass
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ConfigError(f"{key}.weight={entry['weight']!r} must be a finite number >= 0")
+    if blend and not any(e["weight"] > 0 for e in blend):
+        raise ConfigError("data.blend weights are all zero; give at least one dataset a weight > 0")
 
 
 def _type_name(tp: Any) -> str:
