@@ -40,6 +40,7 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import time
 from typing import Any
@@ -77,8 +78,11 @@ def _hash(obj: Any) -> str:
 
 
 def data_config_hash(cfg) -> str:
-    """Hash of the data-relevant config fields plus (path, size, mtime) of the input files."""
+    """Hash of the data-relevant config fields plus (path, size, mtime) of the input files (and the
+    sha256 of ``data.tokenizer_model`` when one is given)."""
     fields = {k: getattr(cfg, k) for k in _DATA_FIELDS}
+    if cfg.tokenizer_model:
+        fields["tokenizer_model_sha256"] = _given_tokenizer(cfg).sha256
     return _hash({"format": FORMAT_VERSION, "fields": fields, "files": file_fingerprint(list(cfg.corpus))})
 
 
@@ -276,9 +280,36 @@ def _remove_outputs(data_dir: str) -> None:
             os.remove(os.path.join(data_dir, name))
 
 
+def _given_tokenizer(cfg) -> Tokenizer:
+    """``data.tokenizer_model``, checked: it exists, has our special ids and ``data.vocab_size`` pieces."""
+    src = cfg.tokenizer_model
+    if not os.path.isfile(src):
+        raise DataError(f"data.tokenizer_model={src}: no such file; point it at an existing tokenizer.model "
+                        "(e.g. another data dir's) or leave it empty to train one")
+    tok = Tokenizer(src)
+    if tok.vocab_size != cfg.vocab_size:
+        raise DataError(f"data.tokenizer_model={src} has {tok.vocab_size} pieces but data.vocab_size="
+                        f"{cfg.vocab_size}; set data.vocab_size={tok.vocab_size}")
+    return tok
+
+
 def _tokenizer_for(cfg, train_docs: list[str], data_dir: str, workers: int) -> tuple[Tokenizer, bool]:
-    """Reuse ``<data_dir>/tokenizer.model`` when it was trained from the same inputs, else train it."""
+    """Reuse ``<data_dir>/tokenizer.model`` when it was trained from the same inputs, else train it;
+    with ``data.tokenizer_model``, copy that model in (``reused`` is then True)."""
     prefix = os.path.join(data_dir, TOKENIZER_PREFIX)
+    if cfg.tokenizer_model:
+        src = _given_tokenizer(cfg)
+        if os.path.abspath(src.path) != os.path.abspath(prefix + ".model"):
+            for ext in (".model", ".vocab"):
+                if os.path.isfile(os.path.splitext(src.path)[0] + ext):
+                    tmp = f"{prefix}{ext}.tmp{os.getpid()}"
+                    shutil.copyfile(os.path.splitext(src.path)[0] + ext, tmp)
+                    os.replace(tmp, prefix + ext)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(prefix + ".json")  # no "trained from these inputs" claim for a copied model
+        tok = Tokenizer(prefix + ".model")
+        log.info("tokenizer: using %s (sha256 %s) from data.tokenizer_model", src.path, tok.sha256[:12])
+        return tok, True
     meta_path = prefix + ".json"
     want = _tokenizer_hash(cfg)
     if os.path.isfile(prefix + ".model") and os.path.isfile(meta_path):

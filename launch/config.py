@@ -79,6 +79,10 @@ class DataConfig:
     """Sentencepiece model type."""
     tokenizer_sample_mb: float = 16.0
     """MB of text sampled to train the tokenizer (the whole corpus is still sharded)."""
+    tokenizer_model: str = ""
+    """An existing sentencepiece model to shard with instead of training one, e.g. another data dir's
+    ``tokenizer.model`` (its vocabulary size must equal data.vocab_size). Dirs prepared with the same
+    model share a tokenizer and can be blended (data.blend). Empty = train one from the corpus."""
     seq_len: int = 128
     """Tokens per packed sequence, [CLS] and [SEP] included."""
     val_fraction: float = 0.01

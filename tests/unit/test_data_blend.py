@@ -167,3 +167,36 @@ def test_good_blend_config():
     cfg = load_config(None, ["data.blend=[{data_dir: a, weight: 3}, {data_dir: b, weight: 1}]"])
     assert cfg.data.blend == [{"data_dir": "a", "weight": 3}, {"data_dir": "b", "weight": 1}]
     assert L.blend_quotas([e["weight"] for e in cfg.data.blend]) == (3 * L.BLEND_PERIOD // 4, L.BLEND_PERIOD // 4)
+
+
+def test_prepare_with_another_dirs_tokenizer_then_blend(data_cfg, prepared, blend_cfg, dirs, tmp_path):
+    """data.tokenizer_model: a different corpus sharded with the shared dir's tokenizer (no training)
+    gets the same tokenizer sha256, so it blends with that dir; a batch mixes samples of both."""
+    import dataclasses
+    import random
+
+    from data_pipeline.prepare import prepare_data
+
+    rng = random.Random(0)
+    words = "alpha beta gamma delta shard tensor rank epoch token batch loss weight layer head".split()
+    text = tmp_path / "other.txt"
+    text.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + "."
+                                for _ in range(400)))
+    own = os.path.join(data_cfg.data_dir, prepared["tokenizer"]["path"])
+    cfg = dataclasses.replace(data_cfg, corpus=[str(text)], data_dir=str(tmp_path / "other"), tokenizer_model=own)
+    manifest = prepare_data(cfg)
+    assert manifest["tokenizer"]["sha256"] == prepared["tokenizer"]["sha256"] and manifest["tokenizer"]["reused"]
+    assert manifest["splits"]["train"]["samples"] > 0
+    assert prepare_data(cfg)["created"] == manifest["created"]  # up to date: nothing redone
+
+    blended = blend_cfg((0.5, 0.5))
+    blended.data.blend[1]["data_dir"] = cfg.data_dir
+    keys = _keys(_take(L.build_train_loader(blended, 0, 1, 16, with_keys=True), 4))
+    assert collections.Counter(k.split("/")[0] for k in keys) == {"0": 32, "1": 32}
+
+    with pytest.raises(DataError, match=r"^data.tokenizer_model=\S+ has 512 pieces but data.vocab_size=256; "
+                                        r"set data.vocab_size=512$"):
+        prepare_data(dataclasses.replace(cfg, vocab_size=256, data_dir=str(tmp_path / "x")))
+    with pytest.raises(DataError, match=r"^data.tokenizer_model=\S+: no such file"):
+        prepare_data(dataclasses.replace(cfg, tokenizer_model=str(tmp_path / "none.model"),
+                                         data_dir=str(tmp_path / "y")))
