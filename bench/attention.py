@@ -328,13 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         a.variants = [BASELINE, *a.variants]
     payload = run(sorted(sizes), a.dtypes, a.variants, repeats, a.max_case_seconds, a.mem_fraction,
                   a.slow_case_seconds, a.out)
-    payload["settings"]["tiny"] = a.tiny
-    common.write_json(a.out, payload)
-    common.log(f"wrote {a.out}")
-    if not a.no_report and not a.tiny:
-        from bench import report
-
-        report.refresh()
+    common.finish(payload, a.out, a.tiny, a.no_report)
 
 
 if __name__ == "__main__":

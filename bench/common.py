@@ -11,6 +11,7 @@ the next measurement to start low, so the scripts re-exec themselves with ``MALL
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -87,13 +88,11 @@ def available_bytes() -> int:
 
 
 def cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):  # no lscpu: the platform's name
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         for line in out.splitlines():
             if line.startswith("Model name:"):
                 return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
     return platform.processor() or "unknown"
 
 
@@ -115,13 +114,19 @@ def machine() -> dict[str, Any]:
         "malloc_mmap_threshold": os.environ.get(MMAP_ENV),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    try:
-        import psutil
-
-        info["mem_total_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:  # pragma: no cover
-        pass
+    info["mem_total_gb"] = round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1)
     return info
+
+
+def finish(payload: dict, out: str, tiny: bool, no_report: bool) -> None:
+    """Write a benchmark's JSON to ``out`` and, for a full-size run, refresh BENCHMARKS.md."""
+    payload["settings"]["tiny"] = tiny
+    write_json(out, payload)
+    log(f"wrote {out}")
+    if not no_report and not tiny:
+        from bench import report
+
+        report.refresh()
 
 
 def finish_machine(info: dict[str, Any]) -> dict[str, Any]:

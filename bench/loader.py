@@ -176,13 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     samples = a.samples or (128 if a.tiny else 4096)
     rounds = a.repeats if a.repeats is not None else (1 if a.tiny else 5)
     payload = run(cfg, workers, samples, rounds)
-    payload["settings"]["tiny"] = a.tiny
-    common.write_json(a.out, payload)
-    common.log(f"wrote {a.out}")
-    if not a.no_report and not a.tiny:
-        from bench import report
-
-        report.refresh()
+    common.finish(payload, a.out, a.tiny, a.no_report)
 
 
 if __name__ == "__main__":

@@ -255,13 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         plan = {n: v for n, v in plan.items() if n in a.sizes}
     repeats = a.repeats if a.repeats is not None else (1 if a.tiny else 5)
     payload = run(plan, a.dtypes, repeats, 256 if a.tiny else TOKENS_PER_STEP)
-    payload["settings"]["tiny"] = a.tiny
-    common.write_json(a.out, payload)
-    common.log(f"wrote {a.out}")
-    if not a.no_report and not a.tiny:
-        from bench import report
-
-        report.refresh()
+    common.finish(payload, a.out, a.tiny, a.no_report)
 
 
 if __name__ == "__main__":

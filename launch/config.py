@@ -469,13 +469,11 @@ def _validate_blend(blend: list) -> None:
             raise ConfigError(f"{key} has no {missing[0]}; give both {', '.join(BLEND_KEYS)}")
         if not isinstance(entry["data_dir"], str) or not entry["data_dir"]:
             raise ConfigError(f"{key}.data_dir={entry['data_dir']!r} must be a non-empty string (a prepared dir)")
-        w = entry["weight"]
-        if isinstance(w, str):
-            try:
-                w = entry["weight"] = float(w)
-            except ValueError:
-                pass
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        try:  # numbers, and strings like "1e-3", as for any float field
+            w = entry["weight"] = _coerce(f"{key}.weight", entry["weight"], float)
+        except ConfigError:
+            w = None
+        if w is None or not math.isfinite(w) or w < 0:
             raise ConfigError(f"{key}.weight={entry['weight']!r} must be a finite number >= 0")
     if blend and not any(e["weight"] > 0 for e in blend):
         raise ConfigError("data.blend weights are all zero; give at least one dataset a weight > 0")

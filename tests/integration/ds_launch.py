@@ -132,3 +132,16 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def scalars(run_dir: str, tag: str = "train/loss") -> dict[int, float]:
+    """``tag`` by step from a run's TensorBoard event files, read with TensorBoard's own reader."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[int, float] = {}
+    for f in sorted(glob.glob(os.path.join(run_dir, "tb", "events.out.tfevents.*"))):
+        acc = EventAccumulator(f, size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            out.update((e.step, e.value) for e in acc.Scalars(tag))
+    return out

@@ -13,28 +13,15 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
 import subprocess
 
 import pytest
-from ds_launch import BIN, ROOT, TINY, _port, env, launch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from ds_launch import BIN, ROOT, TINY, _port, env, launch, scalars
 
 pytestmark = pytest.mark.slow
-
-
-def losses(run_dir: str, tag: str = "train/loss") -> dict[int, float]:
-    """``tag`` by step from the run's TensorBoard event files (rank 0 writes them)."""
-    out: dict[int, float] = {}
-    for f in sorted(glob.glob(os.path.join(run_dir, "tb", "events.out.tfevents.*"))):
-        acc = EventAccumulator(f, size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            out.update((e.step, e.value) for e in acc.Scalars(tag))
-    return out
 
 
 def ok(proc) -> None:
@@ -70,7 +57,7 @@ def test_two_nodes_on_loopback_match_one_node(runs, tiny_data, tmp_path):
     assert rcs == [0, 0], out
     status = json.load(open(os.path.join(run_dir, "status.json")))
     assert status["state"] == "finished" and status["step"] == 20, status
-    one, two = losses(ref_dir), losses(run_dir)
+    one, two = scalars(ref_dir), scalars(run_dir)
     assert sorted(two) == sorted(one) and max(one) == 20, (one, two)
     diff = max(abs(one[s] - two[s]) for s in one)
     print(f"two nodes vs one node: max |loss diff| {diff:.2e} over {len(one)} logged steps")
@@ -88,14 +75,14 @@ def test_tp2_matches_tp1(tiny_data, tmp_path, attention):
     tp2 = launch(str(tmp_path / "tp2"), tiny_data, *common, "parallel.tensor_model_parallel_size=2", nproc=2)
     ok(tp2)
     assert "tp 0/2, dp 0/1" in tp2.stdout + tp2.stderr, "the 2-rank run did not use TP=2 x DP=1"
-    one, two = losses(str(tmp_path / "tp1")), losses(str(tmp_path / "tp2"))
+    one, two = scalars(str(tmp_path / "tp1")), scalars(str(tmp_path / "tp2"))
     assert sorted(one) == list(range(1, 11)) and sorted(two) == sorted(one), (one, two)
     diff = max(abs(one[s] - two[s]) for s in one)
     print(f"TP=2 vs TP=1 ({attention}): max |loss diff| {diff:.2e} over 10 steps")
     assert diff <= 1e-4, f"TP=2 vs TP=1 ({attention}): max |loss diff| {diff:.2e}\n{one}\n{two}"
     # the model learns under TP: the loss after 10 steps is below the first one
     assert two[10] < two[1], two
-    vone, vtwo = losses(str(tmp_path / "tp1"), "val/loss"), losses(str(tmp_path / "tp2"), "val/loss")
+    vone, vtwo = scalars(str(tmp_path / "tp1"), "val/loss"), scalars(str(tmp_path / "tp2"), "val/loss")
     assert vone and abs(vone[10] - vtwo[10]) <= 1e-4, (vone, vtwo)
 
 
@@ -115,7 +102,7 @@ def test_zero_offload_matches_no_offload(runs, tiny_data, tmp_path):
     run_dir = str(tmp_path / "offload")
     proc = launch(run_dir, tiny_data, "train.steps=20", "train.zero_stage=1", "train.offload_optimizer=true")
     ok(proc)
-    one, off = losses(ref_dir), losses(run_dir)
+    one, off = scalars(ref_dir), scalars(run_dir)
     assert sorted(off) == sorted(one) and max(off) == 20, (one, off)
     diff = max(abs(one[s] - off[s]) for s in one)
     print(f"ZeRO-Offload vs none: max |loss diff| {diff:.2e}")

@@ -26,7 +26,7 @@ import sys
 import time
 
 import pytest
-from ds_launch import ROOT, TINY, env
+from ds_launch import ROOT, TINY, env, scalars
 
 SBATCH_TIMEOUT = 300
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -242,18 +242,6 @@ def _read(path: str) -> str:
     return open(path).read() if os.path.exists(path) else ""
 
 
-def _scalars(run_dir: str, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[int, float] = {}
-    for f in sorted(glob.glob(os.path.join(run_dir, "tb", "events.out.tfevents.*"))):
-        acc = EventAccumulator(f, size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            out.update((e.step, e.value) for e in acc.Scalars(tag))
-    return out
-
-
 def _pretrain_vars(run_dir: str, data_dir: str, layout: str, *overrides: str, **extra: str) -> dict[str, str]:
     return dict(CONFIG="configs/demo.yaml", RUN_DIR=run_dir, VENV=os.path.dirname(os.path.dirname(sys.executable)),
                 LAYOUT=layout, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
@@ -275,7 +263,7 @@ def test_sbatch_pretrain_trains_two_ranks(slurm, tiny_data, tmp_path):
     assert os.path.exists(os.path.join(run_dir, f"hostfile.{job}"))
     status = json.load(open(os.path.join(run_dir, "status.json")))
     assert status["state"] == "finished" and status["step"] == 10, status
-    loss = _scalars(run_dir, "train/loss")
+    loss = scalars(run_dir, "train/loss")
     assert max(loss) == 10 and all(v == v for v in loss.values()), loss
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "global_step10", "COMPLETE"))
 
@@ -315,7 +303,7 @@ def test_usr1_saves_requeues_and_resumes(slurm, tiny_data, tmp_path):
     status = json.load(open(os.path.join(run_dir, "status.json")))
     assert status["state"] == "finished" and status["step"] == 40, status
     assert not os.path.exists(os.path.join(run_dir, "STOP"))
-    loss = _scalars(run_dir, "train/loss")
+    loss = scalars(run_dir, "train/loss")
     assert sorted(loss) == list(range(2, 41, 2)), sorted(loss)  # no gap and no repeat across the requeue
     print(f"signal -> requeued job finished: {round_trip:.1f}s (stopped at step {step})")
 

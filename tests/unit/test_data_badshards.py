@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import http.server
 import io
-import itertools
 import json
 import os
 import shutil
@@ -14,23 +13,11 @@ import tarfile
 import threading
 
 import pytest
-import torch
+from loader_helpers import keys_of, same_batch, take
 
 from data_pipeline import loader as L
 from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import sha256_file
-
-
-def _take(loader, n):
-    return list(itertools.islice(iter(loader), n))
-
-
-def _keys(batches):
-    return [k for b in batches for k in b["keys"]]
-
-
-def _same(a, b):
-    return a.keys() == b.keys() and all(a[k] == b[k] if k == "keys" else torch.equal(a[k], b[k]) for k in a)
 
 
 def _copy(src: str, dst) -> dict:
@@ -129,9 +116,9 @@ def test_bad_data_training_goes_on_with_equal_steps(make_cfg, corrupt, workers):
     assert spe == loaders[1].steps_per_epoch == max(1, workers) * ((L._Split(cfg, "train").total
                                                                     // (dp * max(1, workers))) // mb)
     for ld in loaders:
-        batches = _take(ld, spe + 1)  # a whole epoch and into the next: no rank runs short
+        batches = take(ld, spe + 1)  # a whole epoch and into the next: no rank runs short
         assert len(batches) == spe + 1 and all(b["input_ids"].shape == (mb, 64) for b in batches)
-        keys = _keys(batches[:spe])
+        keys = keys_of(batches[:spe])
         # refills repeat samples another slot reads, never more than were skipped; bad ones never show
         assert len(keys) - len(set(keys)) <= ld.corrupt_samples_skipped and not set(keys) & never
     skipped = [ld.corrupt_samples_skipped for ld in loaders]
@@ -148,13 +135,13 @@ def test_short_rank_refills_from_the_next_samples(make_cfg, data_cfg, tmp_path):
     loaders = [L.build_train_loader(cfg, r, 2, 8, with_keys=True) for r in range(2)]
     spe = loaders[0].steps_per_epoch
     for ld in loaders:
-        batches = _take(ld, spe)
-        assert len(batches) == spe and len(set(_keys(batches))) <= 2 * 250
+        batches = take(ld, spe)
+        assert len(batches) == spe and len(set(keys_of(batches))) <= 2 * 250
     assert sum(ld.corrupt_samples_skipped for ld in loaders) > 0
     for s in _train(manifest)[:2]:
         (tmp_path / "d" / s["name"]).unlink()
     with pytest.raises(DataError, match="no readable sample") as err:  # nothing left: an error, not a hang
-        _take(L.build_train_loader(cfg, 0, 2, 8), 1)
+        take(L.build_train_loader(cfg, 0, 2, 8), 1)
     assert "\n" not in str(err.value)
 
 
@@ -175,7 +162,7 @@ def test_checksum_mismatch_error_and_skip(make_cfg, data_cfg, prepared, tmp_path
     keys = list(reader.read([(i, 0, n) for i, n in enumerate(split.counts)]))
     assert reader.skipped == shard["samples"] and len(keys) == split.total - shard["samples"]
     ld = L.build_train_loader(cfg, 0, 2, 8)
-    assert len(_take(ld, ld.steps_per_epoch)) == ld.steps_per_epoch
+    assert len(take(ld, ld.steps_per_epoch)) == ld.steps_per_epoch
 
 
 def test_tokenizer_mismatch(make_cfg, data_cfg, tmp_path):
@@ -208,16 +195,16 @@ def http_url(data_cfg, prepared):
 
 def test_remote_shards_give_the_same_batches(make_cfg, data_cfg, http_url):
     local = make_cfg()
-    want = _take(L.build_train_loader(local, 1, 2, 16, with_keys=True), 4)
+    want = take(L.build_train_loader(local, 1, 2, 16, with_keys=True), 4)
     want_val = list(L.build_val_loader(local, 0, 1, 8, max_batches=2, with_keys=True))
     remotes = {"manifest at a URL": make_cfg(data_dir=http_url),
                "http prefix": make_cfg(shard_url_prefix=http_url + "/"),
                "pipe": make_cfg(shard_url_prefix=f"pipe:cat {data_cfg.data_dir}/{{name}}")}
     for what, cfg in remotes.items():
-        got = _take(L.build_train_loader(cfg, 1, 2, 16, with_keys=True), 4)
-        assert all(_same(a, b) for a, b in zip(want, got)) and len(got) == 4, what
+        got = take(L.build_train_loader(cfg, 1, 2, 16, with_keys=True), 4)
+        assert all(same_batch(a, b) for a, b in zip(want, got)) and len(got) == 4, what
         val = list(L.build_val_loader(cfg, 0, 1, 8, max_batches=2, with_keys=True))
-        assert len(val) == 2 and all(_same(a, b) for a, b in zip(want_val, val)), what
+        assert len(val) == 2 and all(same_batch(a, b) for a, b in zip(want_val, val)), what
     assert L.read_manifest(http_url) == L.read_manifest(data_cfg.data_dir)
 
 
@@ -231,11 +218,11 @@ def test_unreachable_remote_shard_is_skipped(make_cfg, http_url):
 def test_resume_over_bad_data_is_exact(make_cfg, corrupt):
     cfg = make_cfg(data_dir=corrupt[0])
     full_loader = L.build_train_loader(cfg, 0, 2, 32, with_keys=True)
-    full = _take(full_loader, full_loader.steps_per_epoch + 2)
+    full = take(full_loader, full_loader.steps_per_epoch + 2)
     k = full_loader.steps_per_epoch - 3
     resumed = L.build_train_loader(cfg, 0, 2, 32, with_keys=True)
     resumed.load_state_dict({**full_loader.state_dict(), "consumed_micro_batches": k})
-    assert all(_same(a, b) for a, b in zip(full[k:], _take(resumed, len(full) - k)))
+    assert all(same_batch(a, b) for a, b in zip(full[k:], take(resumed, len(full) - k)))
 
 
 def test_new_data_fields_are_validated():

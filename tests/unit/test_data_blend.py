@@ -4,30 +4,17 @@ the shared-tokenizer check and the config validation of data.blend."""
 from __future__ import annotations
 
 import collections
-import itertools
 import json
 import os
 import shutil
 
 import pytest
-import torch
+from loader_helpers import keys_of, same_batch, take
 
 from data_pipeline import loader as L
 from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import sha256_file
 from launch.config import ConfigError, load_config
-
-
-def _take(loader, n):
-    return list(itertools.islice(iter(loader), n))
-
-
-def _keys(batches):
-    return [k for b in batches for k in b["keys"]]
-
-
-def _same(a, b):
-    return a.keys() == b.keys() and all(a[k] == b[k] if k == "keys" else torch.equal(a[k], b[k]) for k in a)
 
 
 def _subset(src: str, dst, pick) -> str:
@@ -76,7 +63,7 @@ def test_realized_proportions_over_10k_samples(blend_cfg):
     mb, n = 50, 200  # 10,000 samples: several epochs of the smaller dataset
     ld = L.build_train_loader(blend_cfg((0.7, 0.3)), 0, 1, mb, with_keys=True)
     assert isinstance(ld, L.BlendedTrainLoader)
-    keys = _keys(_take(ld, n))
+    keys = keys_of(take(ld, n))
     share = collections.Counter(k.split("/")[0] for k in keys)
     assert len(keys) == 10_000
     assert abs(share["0"] / 10_000 - 0.7) < 0.01 and abs(share["1"] / 10_000 - 0.3) < 0.01
@@ -86,10 +73,10 @@ def test_realized_proportions_over_10k_samples(blend_cfg):
 
 def test_deterministic(blend_cfg):
     cfg = blend_cfg((0.6, 0.4))
-    one = _take(L.build_train_loader(cfg, 0, 1, 16, with_keys=True), 12)
-    two = _take(L.build_train_loader(cfg, 0, 1, 16, with_keys=True), 12)
-    assert all(_same(a, b) for a, b in zip(one, two))
-    assert {k.split("/")[0] for k in _keys(one)} == {"0", "1"}  # batches mix the datasets
+    one = take(L.build_train_loader(cfg, 0, 1, 16, with_keys=True), 12)
+    two = take(L.build_train_loader(cfg, 0, 1, 16, with_keys=True), 12)
+    assert all(same_batch(a, b) for a, b in zip(one, two))
+    assert {k.split("/")[0] for k in keys_of(one)} == {"0", "1"}  # batches mix the datasets
 
 
 @pytest.mark.parametrize("workers,k", [(0, 7), (2, 9)])
@@ -98,20 +85,20 @@ def test_exact_resume(blend_cfg, workers, k):
     mb = 24  # 0.3 * 24 is fractional: the resume point falls inside the datasets' batches
     full_loader = L.build_train_loader(cfg, 1, 2, mb, with_keys=True)
     n = 60  # dataset 1 (421 samples per rank) goes into its second epoch
-    full = _take(full_loader, n)
+    full = take(full_loader, n)
     assert full_loader.state_dict()["dataset_epochs"] == [0, 1]
     stopped = L.build_train_loader(cfg, 1, 2, mb, with_keys=True)
-    _take(stopped, k)
+    take(stopped, k)
     state = stopped.state_dict()
     assert state["consumed_micro_batches"] == k and sum(state["dataset_samples"]) == k * mb
     assert any(c % mb for c in state["dataset_samples"])
     resumed = L.build_train_loader(cfg, 1, 2, mb, with_keys=True)
     resumed.load_state_dict(state)
-    rest = _take(resumed, n - k)
-    assert len(rest) == n - k and all(_same(a, b) for a, b in zip(full[k:], rest))
+    rest = take(resumed, n - k)
+    assert len(rest) == n - k and all(same_batch(a, b) for a, b in zip(full[k:], rest))
     assert resumed.state_dict()["consumed_micro_batches"] == n
     late = L.build_train_loader(cfg, 1, 2, mb, consumed_micro_batches=n - 5, with_keys=True)  # near 1's new epoch
-    assert all(_same(a, b) for a, b in zip(full[n - 5:], _take(late, 5)))
+    assert all(same_batch(a, b) for a, b in zip(full[n - 5:], take(late, 5)))
     with pytest.raises(DataError, match="data.blend"):  # other weights, other schedule: refused
         L.build_train_loader(blend_cfg((0.5, 0.5), num_workers=workers), 1, 2, mb).load_state_dict(state)
 
@@ -121,7 +108,7 @@ def test_two_ranks_equal_steps_disjoint(blend_cfg):
     loaders = [L.build_train_loader(cfg, r, 2, 16, with_keys=True) for r in range(2)]
     spe = loaders[0].steps_per_epoch
     assert spe == loaders[1].steps_per_epoch == sum(x.steps_per_epoch for x in loaders[0].loaders)
-    keys = [_keys(_take(ld, 20)) for ld in loaders]
+    keys = [keys_of(take(ld, 20)) for ld in loaders]
     assert len(keys[0]) == len(keys[1]) == 20 * 16
     assert [ld.state_dict()["dataset_samples"] for ld in loaders][0] == loaders[1].state_dict()["dataset_samples"]
     assert not set(keys[0]) & set(keys[1])
@@ -191,7 +178,7 @@ def test_prepare_with_another_dirs_tokenizer_then_blend(data_cfg, prepared, blen
 
     blended = blend_cfg((0.5, 0.5))
     blended.data.blend[1]["data_dir"] = cfg.data_dir
-    keys = _keys(_take(L.build_train_loader(blended, 0, 1, 16, with_keys=True), 4))
+    keys = keys_of(take(L.build_train_loader(blended, 0, 1, 16, with_keys=True), 4))
     assert collections.Counter(k.split("/")[0] for k in keys) == {"0": 32, "1": 32}
 
     with pytest.raises(DataError, match=r"^data.tokenizer_model=\S+ has 512 pieces but data.vocab_size=256; "

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from loader_helpers import keys_of, same_batch, take
 
 from data_pipeline import loader as L
 from data_pipeline.errors import DataError
@@ -17,21 +17,12 @@ from data_pipeline.masking import IGNORE_INDEX
 PAD, CLS, SEP = 0, 1, 2
 
 
-def _take(loader, n):
-    return list(itertools.islice(iter(loader), n))
 
-
-def _keys(batches):
-    return [k for b in batches for k in b["keys"]]
-
-
-def _same(a, b):
-    return all(a[k] == b[k] if k == "keys" else torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
 
 def test_batch_format(make_cfg):
     cfg = make_cfg()
-    (batch,) = _take(L.build_train_loader(cfg, 0, 1, 4), 1)
+    (batch,) = take(L.build_train_loader(cfg, 0, 1, 4), 1)
     assert set(batch) == {"input_ids", "attention_mask", "labels", "token_type_ids"}
     for v in batch.values():
         assert v.dtype == torch.long and v.shape == (4, 64)
@@ -70,14 +61,14 @@ def test_ranks_disjoint_equal_steps_and_epochs(make_cfg, prepared, workers):
     assert spe == max(1, workers) * ((sum(counts) // (dp * max(1, workers))) // mb)
     epochs = []
     for ld in loaders:
-        batches = _take(ld, spe + 1)
+        batches = take(ld, spe + 1)
         assert ld.epoch == 1 and ld.state_dict()["consumed_micro_batches"] == spe + 1
-        keys = _keys(batches[:spe])
+        keys = keys_of(batches[:spe])
         assert len(keys) == len(set(keys)) == spe * mb
-        epochs.append((set(keys), _keys(batches[spe:])))
+        epochs.append((set(keys), keys_of(batches[spe:])))
     assert not epochs[0][0] & epochs[1][0]  # ranks see disjoint samples
     assert len(epochs[0][0] | epochs[1][0]) > 0.97 * sum(counts)  # nearly everything every epoch
-    assert epochs[0][1] != _keys(_take(L.build_train_loader(cfg, 0, dp, mb, with_keys=True), 1))  # reshuffled
+    assert epochs[0][1] != keys_of(take(L.build_train_loader(cfg, 0, dp, mb, with_keys=True), 1))  # reshuffled
 
 
 @pytest.mark.parametrize("workers,k", [(0, 5), (2, 7), (2, 8)])
@@ -87,13 +78,13 @@ def test_resume_reproduces_the_remaining_batches(make_cfg, workers, k):
     full_loader = L.build_train_loader(cfg, 1, 2, mb, with_keys=True)
     spe = full_loader.steps_per_epoch
     n = spe + 4  # cross an epoch boundary
-    full = _take(full_loader, n)
+    full = take(full_loader, n)
     resumed_loader = L.build_train_loader(cfg, 1, 2, mb, with_keys=True)
     resumed_loader.load_state_dict({**full_loader.state_dict(), "consumed_micro_batches": k})
-    rest = _take(resumed_loader, n - k)
-    assert all(_same(a, b) for a, b in zip(full[k:], rest))
-    late = _take(L.build_train_loader(cfg, 1, 2, mb, consumed_micro_batches=spe + 1, with_keys=True), 3)
-    assert all(_same(a, b) for a, b in zip(full[spe + 1:], late))
+    rest = take(resumed_loader, n - k)
+    assert all(same_batch(a, b) for a, b in zip(full[k:], rest))
+    late = take(L.build_train_loader(cfg, 1, 2, mb, consumed_micro_batches=spe + 1, with_keys=True), 3)
+    assert all(same_batch(a, b) for a, b in zip(full[spe + 1:], late))
     assert resumed_loader.state_dict()["consumed_micro_batches"] == n
 
 
@@ -120,7 +111,7 @@ def test_fewer_shards_than_readers(make_cfg, data_cfg, prepared, tmp_path):
     loaders = [L.build_train_loader(cfg, r, 2, 8, with_keys=True) for r in range(2)]
     spe = loaders[0].steps_per_epoch
     assert spe == 2 * ((first["samples"] // 4) // 8) > 0
-    keys = [set(_keys(_take(ld, spe))) for ld in loaders]
+    keys = [set(keys_of(take(ld, spe))) for ld in loaders]
     assert len(keys[0]) == len(keys[1]) == spe * 8 and not keys[0] & keys[1]
     with pytest.raises(DataError, match="micro batch"):
         L.build_train_loader(cfg, 0, 2, 1000)
@@ -132,14 +123,14 @@ def test_val_fixed_and_equal_across_ranks(make_cfg, prepared, workers):
     vals = [L.build_val_loader(cfg, r, 2, 8, with_keys=True) for r in range(2)]
     assert len(vals[0]) == len(vals[1]) > 0
     first, second = list(vals[0]), list(vals[0])
-    assert len(first) == len(vals[0]) and all(_same(a, b) for a, b in zip(first, second))
+    assert len(first) == len(vals[0]) and all(same_batch(a, b) for a, b in zip(first, second))
     other = list(vals[1])
-    assert not set(_keys(first)) & set(_keys(other))
+    assert not set(keys_of(first)) & set(keys_of(other))
     capped = L.build_val_loader(cfg, 0, 2, 8, max_batches=3, with_keys=True)
-    assert len(capped) == 3 and all(_same(a, b) for a, b in zip(list(capped), first[:3]))
+    assert len(capped) == 3 and all(same_batch(a, b) for a, b in zip(list(capped), first[:3]))
     if workers == 0:  # fixed order: rank 0 starts at the first val sample
-        assert all(k.startswith("val-") for k in _keys(first))
-        assert _keys(first)[:8] == [f"val-{i:09d}" for i in range(8)]
+        assert all(k.startswith("val-") for k in keys_of(first))
+        assert keys_of(first)[:8] == [f"val-{i:09d}" for i in range(8)]
 
 
 def test_missing_manifest_and_shard(tmp_path, make_cfg, data_cfg):
