@@ -1,6 +1,11 @@
 """Train and validation loaders over the webdataset shards, data-parallel aware and exactly resumable.
 
-Train pipeline, per data-parallel rank (``dp_rank`` / ``dp_size`` are arguments: tensor-parallel peers
+The default train order (``data.order: global``) lives in :mod:`data_pipeline.global_order`: random
+access, independent of the data-parallel size and the workers. This module holds what it shares (manifest,
+shard checks, decoding, blend schedule), the validation loader, and the streamed train order
+(``data.order: stream``) described next, for shards that can only be read front to back.
+
+Streamed train pipeline, per data-parallel rank (``dp_rank`` / ``dp_size`` are arguments: tensor-parallel peers
 pass the same data-parallel rank and get the same batches; ``torch.distributed``'s global rank is
 never consulted):
 
@@ -44,7 +49,8 @@ Resume: ``build_train_loader(..., consumed_micro_batches=k)`` (or ``load_state_d
 with exactly the batches an uninterrupted run yields after its first k: workers replay their
 epoch's stream without decoding or masking the skipped batches, and at most W-1 batches are
 produced and dropped to re-align the round-robin. Resuming needs the same dp_size, num_workers,
-micro_batch_size and shards; :meth:`TrainLoader.load_state_dict` refuses anything else.
+micro_batch_size and shards; :meth:`TrainLoader.load_state_dict` refuses anything else (the trainer
+then stops with a one-line error unless ``data.resume: approximate``).
 
 Blending (``data.blend``, see :class:`BlendedTrainLoader`): one train loader as above per prepared dir,
 interleaved sample by sample by a fixed schedule over this rank's sample positions (largest deficit
@@ -61,6 +67,7 @@ where nothing is predicted; token_type_ids are zeros.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -104,12 +111,49 @@ def shard_location(data_dir: str, name: str, prefix: str = "") -> str:
     return os.path.join(base, name)
 
 
+def cache_root() -> str:
+    """bertforge's per-user cache (``$BERTFORGE_CACHE_DIR``, else ``~/.cache/bertforge``)."""
+    return os.environ.get("BERTFORGE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "bertforge")
+
+
 def _sha256_cached(path: str) -> str:
+    """sha256 of a local file, computed once per node: a stamp in ``<cache_root>/verified`` records it with
+    the file's size and mtime, and every later process (another rank, a worker, the next launch) whose
+    file still has that size and mtime reads the stamp instead of hashing the file again. A lock makes
+    the ranks of a node that start together wait for the first one's hash. Without a writable cache
+    the file is hashed in every process."""
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _hash_cache:
+    if key in _hash_cache:
+        return _hash_cache[key]
+    stamp = os.path.join(cache_root(), "verified",
+                         hashlib.sha256(key[0].encode()).hexdigest()[:32] + ".json")
+    try:
+        os.makedirs(os.path.dirname(stamp), exist_ok=True)
+        lock = open(stamp + ".lock", "a")
+    except OSError:
         _hash_cache[key] = sha256_file(path)
-    return _hash_cache[key]
+        return _hash_cache[key]
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(stamp) as f:
+                rec = json.load(f)
+            if (rec.get("path"), rec.get("size"), rec.get("mtime_ns")) == key:
+                _hash_cache[key] = str(rec["sha256"])
+                return _hash_cache[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        digest = sha256_file(path)
+        _hash_cache[key] = digest
+        tmp = f"{stamp}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": digest}, f)
+            os.replace(tmp, stamp)
+        except OSError:
+            pass
+    return digest
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,6 +498,12 @@ class _TrainStream(IterableDataset):
             epoch, skip = epoch + 1, 0
 
 
+def _refuse_global_state(state: dict) -> None:
+    if state.get("order") == "global":
+        raise DataError("cannot resume the streamed train loader exactly: the checkpoint was written with "
+                        "data.order=global; set data.order=global to continue it exactly")
+
+
 class TrainLoader:
     """Infinite, resumable iterator of one data-parallel rank's training micro batches.
 
@@ -500,13 +550,14 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume this loader exactly."""
-        return {"epoch": self.epoch, "consumed_micro_batches": self.consumed_micro_batches,
+        return {"order": "stream", "epoch": self.epoch, "consumed_micro_batches": self.consumed_micro_batches,
                 "steps_per_epoch": self.steps_per_epoch, "dp_size": self.dp_size,
                 "num_workers": self.num_workers, "micro_batch_size": self.mb, "seed": self.seed,
                 "shards": self.shard_hash, "corrupt_samples_skipped": self.corrupt_samples_skipped}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after ``state["consumed_micro_batches"]``; refuse a state from another layout."""
+        _refuse_global_state(state)
         mine = self.state_dict()
         for key in ("dp_size", "num_workers", "micro_batch_size", "seed", "shards"):
             if key in state and state[key] != mine[key]:
@@ -534,7 +585,9 @@ class TrainLoader:
 
 def build_train_loader(cfg, dp_rank: int, dp_size: int, micro_batch_size: int, consumed_micro_batches: int = 0,
                        **kw) -> TrainLoader:
-    """The training loader of data-parallel rank ``dp_rank`` of ``dp_size`` (see module doc).
+    """The training loader of data-parallel rank ``dp_rank`` of ``dp_size``: with ``data.order: global``
+    (the default) :class:`data_pipeline.global_order.GlobalTrainLoader`, else the streaming loaders of
+    this module (see module doc).
 
     Args:
         cfg: the ExperimentConfig (uses data.*, train.seed).
@@ -543,6 +596,11 @@ def build_train_loader(cfg, dp_rank: int, dp_size: int, micro_batch_size: int, c
         consumed_micro_batches: batches this rank already consumed (resume point).
         **kw: ``with_keys=True`` adds ``batch["keys"]`` (sample keys); ``data_dir`` overrides cfg.data.data_dir.
     """
+    if getattr(cfg.data, "order", "stream") == "global" and kw.get("data_dir") is None:
+        from data_pipeline.global_order import GlobalTrainLoader
+
+        return GlobalTrainLoader(cfg, dp_rank, dp_size, micro_batch_size, consumed_micro_batches,
+                                 with_keys=kw.get("with_keys", False))
     if getattr(cfg.data, "blend", None) and kw.get("data_dir") is None:
         return BlendedTrainLoader(cfg, dp_rank, dp_size, micro_batch_size, consumed_micro_batches,
                                   with_keys=kw.get("with_keys", False))
@@ -670,7 +728,7 @@ class BlendedTrainLoader:
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume this blend exactly (the datasets' positions follow from it)."""
         counts = self.dataset_samples()
-        return {"epoch": self.epoch, "consumed_micro_batches": self.consumed_micro_batches,
+        return {"order": "stream", "epoch": self.epoch, "consumed_micro_batches": self.consumed_micro_batches,
                 "steps_per_epoch": self.steps_per_epoch, "dp_size": self.dp_size,
                 "num_workers": self.num_workers, "micro_batch_size": self.mb, "seed": self.seed,
                 "shards": self.shard_hash, "corrupt_samples_skipped": self.corrupt_samples_skipped,
@@ -679,6 +737,7 @@ class BlendedTrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after ``state["consumed_micro_batches"]``; refuse a state from another layout or blend."""
+        _refuse_global_state(state)
         mine = self.state_dict()
         for key in ("dp_size", "num_workers", "micro_batch_size", "seed", "shards"):
             if key in state and state[key] != mine[key]:

@@ -102,12 +102,35 @@ class DataConfig:
     max_ngram: int = 1
     """With ``masking: whole_word``, the longest span of consecutive words chosen at once: lengths
     1..max_ngram are drawn with probability proportional to 1/length (1 = single words)."""
+    order: Literal["global", "stream"] = "global"
+    """How the train loader orders samples. ``global``: the sample at global position p of the run is a
+    fixed function of (train.seed, p): a seeded permutation of every (shard, index) per epoch, read with
+    random access (``wids`` indexed tars; remote shards are downloaded once into data.cache_dir); each
+    global batch is cut into per-rank micro batches, so the order and the resume point do not depend on
+    the data-parallel size or num_workers. ``stream``: each rank reads contiguous shard ranges
+    sequentially with a shuffle buffer (no random access needed, e.g. shards that are only streamable);
+    its order depends on the data-parallel size and num_workers (see data.resume)."""
+    resume: Literal["exact", "approximate"] = "exact"
+    """With ``order: stream``, resuming on another data-parallel size or num_workers stops with an error
+    (the remaining samples would differ); ``approximate`` continues at the same epoch position instead.
+    ``order: global`` always resumes exactly."""
+    open_shards: int = 256
+    """With ``order: global``, indexed shards each loader process keeps open (an LRU; each holds a file
+    descriptor and a read-only mmap)."""
+    cache_dir: str = ""
+    """With ``order: global``, where remote shards are downloaded to (verified against manifest.json's
+    sha256 once, then read locally); empty = ``$BERTFORGE_CACHE_DIR/shards``, by default
+    ~/.cache/bertforge/shards."""
     shuffle_buffer: int = 2000
-    """Samples held in the seeded shuffle buffer of the train loader."""
+    """Samples held in the seeded shuffle buffer of the train loader (``order: stream``)."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 = load in the training process)."""
     prepare_workers: int = 0
     """Processes for corpus gathering and tokenization; 0 = one per CPU core."""
+    prepare_bucket_mb: float = 128.0
+    """Memory bound of data preparation, in MB of text: the corpus is streamed into on-disk buckets of
+    about this size (by a hash of each document), and one bucket at a time is held, shuffled and sharded.
+    Does not change the shards, only how many buckets (and how much memory) it takes."""
     shard_url_prefix: str = ""
     """Where the train/val shards are read from, when not next to manifest.json in data_dir: a directory,
     an http(s) URL or a ``pipe:`` command (anything ``webdataset.gopen`` opens); ``{name}`` stands for
@@ -339,6 +362,8 @@ class ExperimentConfig:
                               f"(got {d.masking!r}); valid choices of data.masking: token, whole_word")
         if d.mask_prob <= 0:
             raise ConfigError("data.mask_prob must be > 0: the MLM loss needs masked tokens")
+        if d.open_shards < 1:
+            raise ConfigError(f"data.open_shards={d.open_shards} must be >= 1 (indexed shards kept open per process)")
         if d.shard_url_prefix.replace("{name}", "").count("{") or d.shard_url_prefix.count("{name}") > 1:
             raise ConfigError(f"data.shard_url_prefix={d.shard_url_prefix!r}: the only placeholder allowed is "
                               "one {name} (the shard's file name)")

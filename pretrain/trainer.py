@@ -154,6 +154,24 @@ def check_checkpoint_compat(cfg: ExperimentConfig, dp_size: int, tp_size: int, m
     return {k: (old[k], v) for k, v in cfg.optimizer_settings().items() if k in old and old[k] != v}
 
 
+def data_resume_on_new_dp(cfg: ExperimentConfig, loader_state: dict, saved_dp: int, dp_size: int, tag: str) -> str:
+    """How the data continues when a checkpoint of ``saved_dp`` data-parallel ranks resumes on ``dp_size``:
+    ``exact`` (the global order, whose samples depend on the position alone) or ``approximate`` (a
+    streamed order with data.resume=approximate: same epoch position, other samples).
+
+    Raises:
+        ValueError: a streamed order without data.resume=approximate (one line, with both ways out).
+    """
+    if cfg.data.order == "global" and loader_state.get("order") == "global":
+        return "exact"
+    if cfg.data.resume == "approximate":
+        return "approximate"
+    raise ValueError(f"checkpoint {tag} was written with {saved_dp} data-parallel ranks and a streamed data order "
+                     f"(data.order={loader_state.get('order', 'stream')}), which depends on that number; this run "
+                     f"has {dp_size}: set data.resume=approximate to continue at the same epoch position (other "
+                     f"samples), or launch {saved_dp} data-parallel ranks")
+
+
 class _RngUntouched:
     """Keep the global torch RNG out of data loading: a DataLoader draws a base seed from it whenever
     an iterator starts, which a resumed run does once more than an uninterrupted one. With this, only
@@ -298,16 +316,20 @@ class Trainer:
         saved_dp = int(marker.get("dp_size", self.dist.dp_size))
         same_world = (marker.get("world_size", self.dist.world_size) == self.dist.world_size
                       and saved_dp == self.dist.dp_size)
+        loader_state = state.get("data_loader") or {}
         if saved_dp != self.dist.dp_size:
-            # the batch order is a function of the data-parallel size: keep the epoch position, not the samples
             self.consumed_micro_batches = self.consumed_samples // (self.dist.dp_size * self.cfg.train.micro_batch_size)
-            self._loader_state = None
-            if self.dist.is_main:
+            how = data_resume_on_new_dp(self.cfg, loader_state, saved_dp, self.dist.dp_size, tag)
+            self._loader_state = loader_state if how == "exact" else None
+            if self.dist.is_main and how == "exact":
+                logger.info("data-parallel size %d -> %d: the global data order continues exactly at "
+                            "sample %d", saved_dp, self.dist.dp_size, self.consumed_samples)
+            elif self.dist.is_main:
                 logger.warning("data-parallel size %d -> %d: the data order continues approximately (same "
-                               "epoch position, %d samples consumed, not the same remaining samples)",
-                               saved_dp, self.dist.dp_size, self.consumed_samples)
+                               "epoch position, %d samples consumed, not the same remaining samples; "
+                               "data.resume=approximate)", saved_dp, self.dist.dp_size, self.consumed_samples)
         else:
-            self._loader_state = state.get("data_loader")
+            self._loader_state = loader_state or None
         rng = checkpoint.load_rng(self.ckpt_dir, tag, self.dist.rank) if same_world else None
         if rng is not None:
             checkpoint.set_rng_state(rng)
@@ -405,6 +427,25 @@ class Trainer:
         self._stop_signal = int(flags[1].item())
         return int(flags[0].item()), bool(flags[2].item())
 
+    def _restore_loader(self, loader, state: dict) -> None:
+        """Continue the loader where the checkpoint left it; with data.resume=approximate a streamed
+        order whose layout changed (workers, micro batch, order) continues at the same position instead."""
+        from data_pipeline.errors import DataError
+
+        approximate = self.cfg.data.resume == "approximate"
+        if self.cfg.data.order == "global":
+            loader.load_state_dict(state, approximate=approximate)  # exact whatever DP size or workers
+            return
+        try:
+            loader.load_state_dict(state)  # refuses another layout (workers, micro batch, shards)
+        except DataError as e:
+            if not approximate:
+                raise DataError(f"{e}; or set data.resume=approximate to continue at the same epoch position "
+                                "(other samples)") from None
+            if self.dist.is_main:
+                logger.warning("data loader: %s; continuing approximately at micro batch %d "
+                               "(data.resume=approximate)", e, self.consumed_micro_batches)
+
     def _train(self) -> dict:
         from data_pipeline.loader import build_train_loader
         from model.attention.base import set_seed, set_step
@@ -415,7 +456,7 @@ class Trainer:
         loader = build_train_loader(cfg, self.dist.dp_rank, self.dist.dp_size, t.micro_batch_size,
                                     self.consumed_micro_batches)
         if self._loader_state:
-            loader.load_state_dict(self._loader_state)  # refuses another layout (workers, micro batch, shards)
+            self._restore_loader(loader, self._loader_state)
         self.loader = loader
         it = iter(loader)
         thr = Throughput(self.step, t.steps)

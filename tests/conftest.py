@@ -8,6 +8,15 @@ import socket
 import pytest
 
 
+def pytest_configure(config):
+    """Keep bertforge's per-user cache (shard hash stamps, downloaded shards) of a test session in a
+    temporary directory, shared with the processes the tests launch, never in the user's ~/.cache."""
+    if "BERTFORGE_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["BERTFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="bertforge-test-cache-")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -229,7 +229,7 @@ def test_universal_checkpoint_resumes_two_ranks_on_one(universal):
     u = universal
     out = text(u.proc)
     assert "resuming at step 10 " in out and "through the universal checkpoint" in out
-    assert "data-parallel size 2 -> 1" in out
+    assert "data-parallel size 2 -> 1: the global data order continues exactly at sample 160" in out
     saved_norm = marker(u.base, "global_step10")["param_norm"]
     assert f"loaded weights match the checkpoint (parameter norm {saved_norm:.8g})" in out
     assert os.path.isfile(os.path.join(u.run_dir, "checkpoints", "global_step10_universal", "COMPLETE"))

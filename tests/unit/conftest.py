@@ -6,6 +6,10 @@ sequences, in 250-sample shards so the last shard of each split is short (unequa
 
 from __future__ import annotations
 
+import functools
+import http.server
+import threading
+
 import pytest
 
 from launch.config import DataConfig, load_config
@@ -38,7 +42,25 @@ def make_cfg(data_cfg, prepared):
     def make(num_workers: int = 0, seed: int = 1234, data_dir: str | None = None, **data):
         over = {"corpus": "[demo_stdlib]", "data_dir": data_dir or data_cfg.data_dir, "seq_len": SEQ_LEN,
                 "vocab_size": VOCAB, "corpus_max_mb": 1.0, "tokenizer_sample_mb": 1.0, "val_fraction": 0.05,
-                "samples_per_shard": PER_SHARD, "shuffle_buffer": 64, "num_workers": num_workers, **data}
+                "samples_per_shard": PER_SHARD, "shuffle_buffer": 64, "num_workers": num_workers,
+                "order": "stream", **data}
         return load_config(None, [f"data.{k}={v}" for k, v in over.items()] + [f"train.seed={seed}"])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def http_url(data_cfg, prepared):
+    """The prepared data dir served over http on loopback."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Quiet, directory=data_cfg.data_dir))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

@@ -212,6 +212,20 @@ def test_other_data_parallel_size_needs_the_universal_path():
         check_checkpoint_compat(uni, 1, 2, _marker(cfg, dp=2), "x")
 
 
+def test_data_continues_exactly_on_another_dp_size_only_in_the_global_order():
+    from pretrain.trainer import data_resume_on_new_dp
+
+    glob, stream = {"order": "global", "consumed_samples": 160}, {"order": "stream", "consumed_micro_batches": 10}
+    assert data_resume_on_new_dp(load_config(None, []), glob, 2, 1, "global_step10") == "exact"
+    cfg = load_config(None, ["data.order=stream"])
+    with pytest.raises(ValueError, match="streamed data order.*set data.resume=approximate.*launch 2 data-parallel"):
+        data_resume_on_new_dp(cfg, stream, 2, 1, "global_step10")
+    with pytest.raises(ValueError, match="data.order=stream"):  # a streamed checkpoint under the global order
+        data_resume_on_new_dp(load_config(None, []), stream, 2, 1, "global_step10")
+    approx = load_config(None, ["data.order=stream", "data.resume=approximate"])
+    assert data_resume_on_new_dp(approx, stream, 2, 1, "global_step10") == "approximate"
+
+
 def test_old_markers_fall_back_to_the_hash():
     cfg = load_config(None, [])
     other = load_config(None, ["model.num_layers=7"])

@@ -3,39 +3,15 @@ the checksum policy, the tokenizer check, and shards read over http and through 
 
 from __future__ import annotations
 
-import functools
-import http.server
 import io
-import json
 import os
-import shutil
 import tarfile
-import threading
 
 import pytest
-from loader_helpers import keys_of, same_batch, take
+from loader_helpers import copy_prepared, keys_of, rehash, same_batch, take
 
 from data_pipeline import loader as L
 from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import sha256_file
-
-
-def _copy(src: str, dst) -> dict:
-    """Copy the prepared dataset (manifest, tokenizer, shards) into ``dst``; return its manifest."""
-    dst.mkdir()
-    for name in os.listdir(src):
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copy(os.path.join(src, name), dst / name)
-    return json.loads((dst / "manifest.json").read_text())
-
-
-def _rehash(d, manifest: dict) -> None:
-    """Make the manifest describe the shard files as they are now (bad at the source, not changed since)."""
-    for s in manifest["shards"]:
-        p = d / s["name"]
-        if p.exists():
-            s["bytes"], s["sha256"] = p.stat().st_size, sha256_file(str(p))
-    (d / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _train(manifest: dict) -> list[dict]:
@@ -79,7 +55,7 @@ def corrupt(tmp_path_factory, data_cfg, prepared):
     only the read-time checks see the damage. Returns (dir, expected skip count, keys never to appear).
     """
     d = tmp_path_factory.mktemp("corrupt") / "data"
-    manifest = _copy(data_cfg.data_dir, d)
+    manifest = copy_prepared(data_cfg.data_dir, d)
     trunc, garbage, missing, broken = _train(manifest)[:4]
     p = d / trunc["name"]
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2 + 100])
@@ -88,7 +64,7 @@ def corrupt(tmp_path_factory, data_cfg, prepared):
     bad_key = _break_one_sample(str(d / broken["name"]), 5)
     good_trunc = _readable(str(p))
     assert 0 < good_trunc < trunc["samples"]
-    _rehash(d, manifest)
+    rehash(d, manifest)
     expected = (trunc["samples"] - good_trunc) + garbage["samples"] + missing["samples"] + 1
     never = {bad_key}
     for s in (garbage, missing):  # their keys, from the intact originals
@@ -128,7 +104,7 @@ def test_bad_data_training_goes_on_with_equal_steps(make_cfg, corrupt, workers):
 
 def test_short_rank_refills_from_the_next_samples(make_cfg, data_cfg, tmp_path):
     """Only 2 of the train shards are left: the ranks whose ranges held the rest refill, same step count."""
-    manifest = _copy(data_cfg.data_dir, tmp_path / "d")
+    manifest = copy_prepared(data_cfg.data_dir, tmp_path / "d")
     for s in _train(manifest)[2:]:
         (tmp_path / "d" / s["name"]).unlink()
     cfg = make_cfg(data_dir=str(tmp_path / "d"))
@@ -146,7 +122,7 @@ def test_short_rank_refills_from_the_next_samples(make_cfg, data_cfg, tmp_path):
 
 
 def test_checksum_mismatch_error_and_skip(make_cfg, data_cfg, prepared, tmp_path):
-    manifest = _copy(data_cfg.data_dir, tmp_path / "d")
+    manifest = copy_prepared(data_cfg.data_dir, tmp_path / "d")
     shard = _train(manifest)[1]
     p = tmp_path / "d" / shard["name"]
     raw = bytearray(p.read_bytes())
@@ -169,28 +145,11 @@ def test_tokenizer_mismatch(make_cfg, data_cfg, tmp_path):
     with pytest.raises(DataError, match="another tokenizer") as err:
         L.build_train_loader(make_cfg(vocab_size=1024), 0, 1, 8)
     assert "\n" not in str(err.value) and "data.vocab_size=512" in str(err.value)
-    _copy(data_cfg.data_dir, tmp_path / "d")
+    copy_prepared(data_cfg.data_dir, tmp_path / "d")
     (tmp_path / "d" / "tokenizer.model").write_bytes(b"some other tokenizer")
     with pytest.raises(DataError, match="another tokenizer") as err:
         L.build_val_loader(make_cfg(data_dir=str(tmp_path / "d")), 0, 1, 8)
     assert "\n" not in str(err.value) and "tokenizer.model" in str(err.value)
-
-
-@pytest.fixture(scope="module")
-def http_url(data_cfg, prepared):
-    """The prepared data dir served over http on loopback."""
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Quiet, directory=data_cfg.data_dir))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def test_remote_shards_give_the_same_batches(make_cfg, data_cfg, http_url):
