@@ -201,13 +201,47 @@ def _plot_attention(d: dict, out_dir: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
-def train_checks(d: dict) -> list[str]:
+CEILING_N = 2048
+CEILING_FILE = "focus_train_step_ceiling_2048"  # bench/train_step.py --models ...,noattn,hf_bert_noattn
+FUSED = "+fused_adamw"  # rows run with torch.optim.AdamW(fused=True) (what-if; the trainer's AdamW is the default)
+
+
+def _tps(rows: list[dict], model: str, n: int, dt: str, key: str = "tokens_per_s") -> float | None:
+    r = _row(rows, model=model, n=n, dtype=dt)
+    return r.get(key) if r and r.get("status") == "ok" else None
+
+
+def _has_ceiling(d: dict | None, dt: str, n: int = CEILING_N) -> bool:
+    return bool(d) and _tps(d["rows"], "bertforge/noattn", n, dt) is not None
+
+
+def _ceiling_n(d: dict) -> int:
+    return next((r["n"] for r in d["rows"] if r.get("model") == "bertforge/noattn"), CEILING_N)
+
+
+def ceiling_figures(d: dict, dt: str, n: int = CEILING_N, key: str = "tokens_per_s") -> dict[str, float | None]:
+    """Ratios to HF softmax of one run: linformer, bertforge without attention, HF without attention,
+    and linformer's share of bertforge's ceiling (``key``: tokens_per_s = medians, tokens_per_s_best)."""
+    rows = d["rows"]
+    hf = _tps(rows, "hf_bert", n, dt, key)
+
+    def ratio(model):
+        a = _tps(rows, model, n, dt, key)
+        return a / hf if a and hf else None
+
+    lin, bf_ceil, hf_ceil = ratio("bertforge/linformer"), ratio("bertforge/noattn"), ratio("hf_bert_noattn")
+    return {"linformer": lin, "ceiling": bf_ceil, "hf_ceiling": hf_ceil,
+            "share": lin / bf_ceil if lin and bf_ceil else None}
+
+
+def train_checks(d: dict, ceiling: dict | None = None) -> list[str]:
+    """The issue's training-step figures from ``d``; the linformer row also states the attention-free
+    ceiling, from ``d`` when it has the ceiling rows, else from ``ceiling`` (the focused run)."""
     rows = d["rows"]
     out = ["| Figure (full training step) | dtype | measured | verdict | detail |", "|---|---|---|---|---|"]
 
     def tps(model, n, dt):
-        r = _row(rows, model=model, n=n, dtype=dt)
-        return r.get("tokens_per_s") if r and r.get("status") == "ok" else None
+        return _tps(rows, model, n, dt)
 
     for dt in d["settings"]["dtypes"]:
         for model, n, need in (("bertforge/softmax", 128, 1.0), ("bertforge/shared_qkv", 128, 1.1),
@@ -215,8 +249,17 @@ def train_checks(d: dict) -> list[str]:
             a, b = tps(model, n, dt), tps("hf_bert", n, dt)
             r = a / b if a and b else None
             verdict = "not measured" if r is None else ("PASS" if r >= need else "FAIL")
+            extra = ""
+            if model == "bertforge/linformer":
+                src, where = (d, "this run") if _has_ceiling(d, dt) else (ceiling, f"`{CEILING_FILE}.json`")
+                if _has_ceiling(src, dt):
+                    c = ceiling_figures(src, dt)
+                    extra = (f"; ceiling here (no attention at all, {where}): {_f(c['ceiling'], '{:.2f}')}x HF, "
+                             f"linformer {_f(c['linformer'], '{:.2f}')}x there = "
+                             f"{_f(100 * c['share'] if c['share'] else None, '{:.0f}')}% of it"
+                             + (" (3x is above the ceiling)" if c["ceiling"] and c["ceiling"] < need else ""))
             out.append(f"| {model} tokens/s >= {need}x HF BertForMaskedLM (softmax) at n={n} | {dt} | {_f(r, '{:.2f}')} | "
-                       f"{verdict} | {_f(a, '{:.0f}')} vs {_f(b, '{:.0f}')} tok/s |")
+                       f"{verdict} | {_f(a, '{:.0f}')} vs {_f(b, '{:.0f}')} tok/s{extra} |")
         for model in ("bertforge/yoso", "bertforge/bert_lsh"):
             a, b = tps(model, 2048, dt), tps("hf_bert", 2048, dt)
             r = a / b if a and b else None
@@ -244,6 +287,79 @@ def train_section(d: dict, out_dir: str) -> list[str]:
     lines.append("")
     png = _plot_train(d, out_dir)
     lines += [f"![train_step]({os.path.relpath(png, common.REPO)})", ""]
+    return lines
+
+
+def ceiling_section(d: dict) -> list[str]:
+    """"Attention-free ceiling": the focused run with the no-attention rows (and, when present, the
+    same rows with fused AdamW, measured in the same rounds)."""
+    s = d["settings"]
+    n = _ceiling_n(d)
+    lines = [f"## Attention-free ceiling (`bench/train_step.py`, n={n}, `{CEILING_FILE}.json`)", "",
+             "Ceiling: no attention at all. `bertforge/noattn` and `hf_bert_noattn` are the two models with the "
+             "core attention replaced by a stand-in that returns V (no scores; bench-only, registered at run time "
+             "by bench/train_step.py): embeddings, Q/K/V and output projections, FFN, LayerNorms, MLM head, loss "
+             "and AdamW are all kept. No attention variant can make a step faster than that, so "
+             "`bertforge/noattn` tokens/s over HF softmax tokens/s is the most any bertforge attention can reach "
+             "against HF here. Every row below was measured in the same interleaved rounds.", "",
+             _machine(d["machine"]), "",
+             f"{s['repeats']} interleaved rounds; x HF = median tokens/s over HF softmax's median (`hf_bert`, the "
+             "trainer's AdamW); best-of = fastest round of each row over HF's fastest (other jobs slowed most "
+             "rounds; a single lucky round can move it, so the medians are the figures). MFU uses a GEMM probe "
+             "taken at the start under the same load, so it is only a rough scale. "
+             f"Rows ending in `{FUSED}` use `torch.optim.AdamW(fused=True)` instead of the trainer's AdamW "
+             "(for-loop on CPU); `x HF` of those is against `hf_bert` with the trainer's AdamW.", "",
+             "| model | dtype | step s (median) | tokens/s | x HF | step s (best) | x HF best-of | MFU | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        if r.get("n") != n:
+            continue
+        note = r.get("reason", "") or ("ceiling: no attention at all" if r.get("ceiling") else "")
+        lines.append(f"| {r['model']} | {r['dtype']} | {_f(r.get('step_s'), '{:.3f}')} | "
+                     f"{_f(r.get('tokens_per_s'), '{:.0f}')} | {_f(r.get('tokens_per_s_vs_hf'), '{:.2f}')} | "
+                     f"{_f(r.get('step_s_min'), '{:.3f}')} | {_f(r.get('tokens_per_s_vs_hf_best'), '{:.2f}')} | "
+                     f"{_f(100 * r['mfu'] if r.get('mfu') else None, '{:.1f}%')} | {note} |")
+    lines.append("")
+    for dt in s["dtypes"]:
+        if not _has_ceiling(d, dt, n):
+            continue
+        med, best = ceiling_figures(d, dt, n), ceiling_figures(d, dt, n, key="tokens_per_s_best")
+
+        def pair(k, pct=False, med=med, best=best):
+            if pct:
+                return (f"{_f(100 * med[k] if med[k] else None, '{:.0f}')}% "
+                        f"(best-of {_f(100 * best[k] if best[k] else None, '{:.0f}')}%)")
+            return f"{_f(med[k], '{:.2f}')}x (best-of {_f(best[k], '{:.2f}')}x)"
+
+        hi = max((x for x in (med["ceiling"], best["ceiling"]) if x is not None), default=0.0)
+        verdict = ("3x HF is above this ceiling: no attention variant can reach it on this machine and model"
+                   if hi < 3.0 else "3x HF is below this ceiling: reachable in principle, if attention adds at most "
+                   f"{_f(100 * (med['ceiling'] / 3.0 - 1) if med['ceiling'] else None, '{:.0f}')}% to the "
+                   "attention-free step (median figures)")
+        lines.append(f"- **{dt}**: bertforge without attention {pair('ceiling')} HF softmax; HF without attention "
+                     f"{pair('hf_ceiling')}; linformer {pair('linformer')} = {pair('share', True)} of "
+                     f"bertforge's ceiling. {verdict}.")
+        fused = []
+        for model in ("bertforge/linformer", "bertforge/noattn"):
+            a, b = _row(d["rows"], model=model, n=n, dtype=dt), _row(d["rows"], model=model + FUSED, n=n, dtype=dt)
+            if a and b and a.get("status") == b.get("status") == "ok":
+                fused.append(f"{model} {a['step_s']:.3f} -> {b['step_s']:.3f} s "
+                             f"({100 * (b['step_s'] / a['step_s'] - 1):+.0f}%, "
+                             f"{_f(a.get('tokens_per_s_vs_hf'), '{:.2f}')}x -> "
+                             f"{_f(b.get('tokens_per_s_vs_hf'), '{:.2f}')}x HF)")
+        if fused:
+            lines.append(f"  Fused AdamW (same rounds, median step, against HF with the trainer's AdamW): "
+                         f"{', '.join(fused)}.")
+    lines.append("")
+    prof = [r for r in d["rows"] if r.get("profile_top")]
+    if prof:
+        lines += ["Profiles (torch.profiler, one more step after the timed rounds; top ops by self CPU time, calls):",
+                  ""]
+        for r in prof:
+            top = ", ".join(f"`{e['op'].replace('aten::', '')}` {e['self_pct']}% ({e['calls']})"
+                            for e in r["profile_top"][:8])
+            lines.append(f"- {r['model']} {r['dtype']}: {top}")
+        lines.append("")
     return lines
 
 
@@ -317,16 +433,19 @@ def refresh(results: str = common.RESULTS, md: str = MD, notes: str | None = Non
         with open(notes_path) as f:
             notes = f.read()
     loaded = {name: _load(results, name) for name in ("attention", "train_step", "loader")}
+    ceiling = _load(results, CEILING_FILE)
     if loaded["attention"] is not None or loaded["train_step"] is not None:
         lines += ["## The figures the issues ask for", "",
                   "Verdicts from the tables below (see the notes at the end for the noise level and profiles).", ""]
         if loaded["attention"] is not None:
             lines += attention_checks(loaded["attention"]) + [""]
         if loaded["train_step"] is not None:
-            lines += train_checks(loaded["train_step"]) + [""]
+            lines += train_checks(loaded["train_step"], ceiling) + [""]
     for name, fn in (("attention", attention_section), ("train_step", train_section), ("loader", loader_section)):
         if loaded[name] is not None:
             lines += fn(loaded[name], results)
+        if name == "train_step" and ceiling is not None:
+            lines += ceiling_section(ceiling)
     if notes:
         lines += ["# Notes", "", notes.strip().replace("\n## ", "\n### ").replace("## ", "### ", 1), ""]
     text = "\n".join(lines) + "\n"

@@ -24,7 +24,24 @@ vocabulary logits at all positions; bertforge only at the predicted ones). MFU =
 with the peak measured by a GEMM probe (``pretrain.compute.gemm_probe_tflops``, 1024^3 matmul, best of
 5 chunks, per dtype) on this machine at the start of the run.
 
+Ceilings (``noattn``, ``hf_bert_noattn``; "ceiling: no attention at all"): the same two models at the same
+n with the attention scores removed, timed in the same interleaved rounds. Neither is a real model; they
+bound what any attention variant can reach here, since everything else in the step (embeddings, Q/K/V and
+output projections, FFN, LayerNorms, MLM head, loss, AdamW) is kept:
+- ``bertforge/noattn``: a bench-only core attention ``bench_noattn`` (registered at run time through
+  ``model.attention.register`` by this script, not part of the library) returning V unchanged. Q and K
+  are still produced by megatron's fused QKV linear; their gradients are zeros, so the QKV GEMMs
+  (forward and backward) cost what they cost with real attention.
+- ``hf_bert_noattn``: HF's BertForMaskedLM with ``config._attn_implementation = "bench_noattn"``, an
+  attention function registered through ``transformers.AttentionInterface`` that returns V (plus
+  ``0 * (Q + K)``, so the query/key linears keep their backward and AdamW update as in the real model).
+FLOPs of both: the softmax count minus the core attention (``model.flops.attention_flops``' ``core_*``).
+
 Timing: one warm-up step per model, then interleaved rounds (rotated order), median step time.
+``--models A,B,...`` runs those rows instead of the plan's; ``NAME+fused_adamw`` is row NAME with
+``torch.optim.AdamW(fused=True)`` (``--adamw fused`` switches every row), to measure the optimizer's share.
+``--profile NAME[,NAME]`` adds a torch.profiler table (top ops by self CPU time) of one more step of
+those rows to the JSON (``profile_top``).
 """
 
 from __future__ import annotations
@@ -40,8 +57,48 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import common  # noqa: E402
 
 LAYERS, HIDDEN, HEADS, FFN, VOCAB = 4, 256, 4, 1024, 8192
-FULL_PLAN = {128: ["softmax", "shared_qkv", "hf_bert"], 2048: ["softmax", "linformer", "yoso", "bert_lsh", "hf_bert"]}
-TINY_PLAN = {32: ["softmax", "shared_qkv", "linformer", "yoso", "bert_lsh", "hf_bert"]}
+FULL_PLAN = {128: ["softmax", "shared_qkv", "hf_bert"],
+             2048: ["softmax", "linformer", "yoso", "bert_lsh", "hf_bert", "noattn", "hf_bert_noattn"]}
+TINY_PLAN = {32: ["softmax", "shared_qkv", "linformer", "yoso", "bert_lsh", "hf_bert", "noattn", "hf_bert_noattn"]}
+CEILINGS = ("noattn", "hf_bert_noattn")  # "ceiling: no attention at all" (see the docstring)
+CEILING_NOTE = "ceiling: no attention at all (V passed through)"
+NOATTN = "bench_noattn"  # the bench-only core attention registered by register_noattn()
+
+
+def register_noattn() -> None:
+    """Register the bench-only stand-ins (idempotent): core attention ``bench_noattn`` in bertforge's
+    registry, attention function ``bench_noattn`` in transformers' AttentionInterface."""
+    from model.attention import CoreAttention, available, register
+
+    if NOATTN not in available():
+        @register(NOATTN)
+        class _NoAttention(CoreAttention):  # noqa: F841 - registered by the decorator
+            """Bench-only ceiling: no scores at all, the output is V ([b, h, s, d])."""
+
+            def forward(self, q, k, v, key_padding_mask):
+                return v
+
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # pragma: no cover - HF rows then report the error
+        return
+
+    def hf_noattn(module, query, key, value, attention_mask, **kwargs):
+        # [b, h, s, d] -> [b, s, h, d] as HF's sdpa_attention_forward returns; 0 * (q + k) keeps the
+        # query/key linears in the graph (their backward and AdamW update run as in the real model).
+        out = value + 0.0 * (query + key)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(NOATTN, hf_noattn)
+
+
+def noattn_flops(n: int, batch: int, num_masked: int) -> float:
+    """FLOPs of the softmax model minus its core attention (the ceilings' count)."""
+    from model.flops import attention_flops, model_flops
+
+    cfg = experiment_cfg("softmax", n, False)
+    a = attention_flops("softmax", batch, n, HEADS, HIDDEN // HEADS, HIDDEN, n)
+    return model_flops(cfg, batch, n, num_masked, VOCAB)["total"] - LAYERS * (a["core_fwd"] + a["core_bwd"])
 TOKENS_PER_STEP = 2048  # batch = TOKENS_PER_STEP // n (16 x 128 as in the demo; 1 x 2048)
 
 
@@ -79,13 +136,14 @@ def make_batch(batch: int, n: int, seed: int = 0) -> dict:
 
 class Case:
     def __init__(self, name: str, n: int, bf16: bool, tokens_per_step: int = TOKENS_PER_STEP,
-                 autocast: bool = False) -> None:
+                 autocast: bool = False, noattn: bool = False, adamw: str = "default") -> None:
         import torch
 
         from model.flops import model_flops
         from pretrain.trainer import param_groups
 
         self.name, self.n, self.bf16 = name, n, bf16
+        opt_kw = {"fused": True} if adamw == "fused" else {}  # the trainer's AdamW is the default (for-loop)
         self.batch = max(1, tokens_per_step // n)
         self.data = make_batch(self.batch, n)
         num_masked = int((self.data["labels"] != -100).sum())
@@ -96,23 +154,36 @@ class Case:
             hcfg = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                               num_attention_heads=HEADS, intermediate_size=FFN, max_position_embeddings=n,
                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, type_vocab_size=2)
+            if noattn:
+                register_noattn()
+                hcfg._attn_implementation = NOATTN
             self.model = BertForMaskedLM(hcfg).train()
             self.impl = getattr(self.model.config, "_attn_implementation", None)
             cfg = experiment_cfg("softmax", n, bf16)
-            self.flops = model_flops(cfg, self.batch, n, self.batch * n, VOCAB)["total"]
-            self.flops_note = "softmax count, MLM head on all tokens"
-            self.opt = torch.optim.AdamW(param_groups(self.model, 0.01), lr=1e-4)
+            if noattn:
+                self.flops = noattn_flops(n, self.batch, self.batch * n)
+                self.flops_note = f"{CEILING_NOTE}; softmax count minus core attention, MLM head on all tokens"
+            else:
+                self.flops = model_flops(cfg, self.batch, n, self.batch * n, VOCAB)["total"]
+                self.flops_note = "softmax count, MLM head on all tokens"
+            self.opt = torch.optim.AdamW(param_groups(self.model, 0.01), lr=1e-4, **opt_kw)
         else:
             from model.bert import build_model
 
-            cfg = experiment_cfg(name, n, bf16)
+            if name == "noattn":
+                register_noattn()
+            cfg = experiment_cfg(NOATTN if name == "noattn" else name, n, bf16)
             self.model = build_model(cfg, VOCAB).train()
             self.impl = None
-            self.flops = model_flops(cfg, self.batch, n, num_masked, VOCAB)["total"]
-            self.flops_note = "model.flops.model_flops"
+            if name == "noattn":
+                self.flops = noattn_flops(n, self.batch, num_masked)
+                self.flops_note = f"{CEILING_NOTE}; softmax count minus core attention"
+            else:
+                self.flops = model_flops(cfg, self.batch, n, num_masked, VOCAB)["total"]
+                self.flops_note = "model.flops.model_flops"
             t = cfg.train
             self.opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr,
-                                         betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+                                         betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, **opt_kw)
         self.params = sum(p.numel() for p in self.model.parameters())
         self.step_no = 0
         self.autocast = bf16 and autocast
@@ -131,7 +202,7 @@ class Case:
                     self.pairs.append((p, m))
                     masters.append(m)
                 new_groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": masters})
-            self.opt = torch.optim.AdamW(new_groups)
+            self.opt = torch.optim.AdamW(new_groups, **opt_kw)  # groups carry the flags of the first
             self.master = [m for _, m in self.pairs]
 
     def step(self) -> float:
@@ -168,8 +239,22 @@ class Case:
         return dt
 
 
+def profile_step(case: Case, top: int = 15) -> list[dict[str, Any]]:
+    """One more step of ``case`` under torch.profiler: the ``top`` ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        case.step()
+    evs = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in evs) or 1.0
+    evs.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 2),
+             "self_pct": round(100.0 * e.self_cpu_time_total / total, 1)} for e in evs[:top]]
+
+
 def run(plan: dict[int, list[str]], dtypes: list[str], repeats: int,
-        tokens_per_step: int = TOKENS_PER_STEP) -> dict[str, Any]:
+        tokens_per_step: int = TOKENS_PER_STEP, autocast_row: bool = True,
+        profile: list[str] | None = None, adamw: str = "default") -> dict[str, Any]:
     import torch
 
     from model.attention.base import set_seed
@@ -188,18 +273,26 @@ def run(plan: dict[int, list[str]], dtypes: list[str], repeats: int,
     for dname in dtypes:
         for n, names in plan.items():
             cases, crow = [], {}
-            run_names = list(names) + (["hf_bert_autocast"] if dname == "bf16" and "hf_bert" in names else [])
+            run_names = list(names) + (["hf_bert_autocast"] if dname == "bf16" and "hf_bert" in names
+                                       and autocast_row else [])
             for name in run_names:
-                hf = name.startswith("hf_bert")
-                row: dict[str, Any] = {"model": name if hf else f"bertforge/{name}",
-                                       "attention": "softmax (HF sdpa)" if hf else name,
+                base_name, _, variant = name.partition("+")  # "<row>+fused_adamw": that row with fused AdamW
+                row_adamw = "fused" if variant == "fused_adamw" else adamw
+                hf = base_name.startswith("hf_bert")
+                ceiling = base_name in CEILINGS
+                row: dict[str, Any] = {"model": (base_name if hf else f"bertforge/{base_name}")
+                                       + (f"+{variant}" if variant else ""),
+                                       "attention": ("none (V passthrough)" if ceiling else
+                                                     "softmax (HF sdpa)" if hf else base_name),
+                                       "ceiling": ceiling, "adamw": row_adamw,
                                        "n": n, "dtype": dname,
                                        "precision": ("fp32" if dname == "fp32" else
                                                      "bf16 autocast, fp32 weights" if name == "hf_bert_autocast"
                                                      else "bf16 weights, fp32 master AdamW (DeepSpeed bf16 style)")}
                 try:
-                    c = Case("hf_bert" if hf else name, n, dname == "bf16", tokens_per_step,
-                             autocast=name == "hf_bert_autocast")
+                    c = Case("hf_bert" if hf else base_name, n, dname == "bf16", tokens_per_step,
+                             autocast=base_name == "hf_bert_autocast", noattn=base_name == "hf_bert_noattn",
+                             adamw=row_adamw)
                     c.key = name
                     row.update(batch=c.batch, tokens_per_step=c.batch * n, params=c.params, flops_per_step=c.flops,
                                flops_note=c.flops_note, hf_attn_implementation=c.impl)
@@ -222,11 +315,28 @@ def run(plan: dict[int, list[str]], dtypes: list[str], repeats: int,
                 row["tokens_per_s"] = row["tokens_per_step"] / row["step_s"]
                 row["achieved_gflops"] = c.flops / row["step_s"] / 1e9
                 row["mfu"] = c.flops / row["step_s"] / peaks[dname]
+                # best of the rounds: on this shared machine a round is either quiet or slowed by other jobs,
+                # so the fastest round of each row is the less load-sensitive estimate (medians stay primary)
+                row["step_s_min"] = min(row["step_s_all"]) if row["step_s_all"] else row["warmup_s"]
+                row["tokens_per_s_best"] = row["tokens_per_step"] / row["step_s_min"]
                 if base is not None and base.get("status") == "ok":
                     base_tps = base["tokens_per_step"] / (common.median(base["step_s_all"]) or base["warmup_s"])
                     row["tokens_per_s_vs_hf"] = row["tokens_per_s"] / base_tps
+                    base_best = base["tokens_per_step"] / (min(base["step_s_all"]) if base["step_s_all"]
+                                                           else base["warmup_s"])
+                    row["tokens_per_s_vs_hf_best"] = row["tokens_per_s_best"] / base_best
+                fused_base = crow.get("hf_bert+fused_adamw")
+                if "+fused_adamw" in c.key and fused_base is not None and fused_base.get("status") == "ok":
+                    row["tokens_per_s_vs_hf_fused_adamw"] = row["tokens_per_s"] / (
+                        fused_base["tokens_per_step"] / common.median(fused_base["step_s_all"]))
                 common.log(f"{dname} n={n} {row['model']:22s} {row['tokens_per_s']:9.0f} tok/s "
-                           f"x{row.get('tokens_per_s_vs_hf', float('nan')):5.2f} HF  MFU {100 * row['mfu']:5.1f}%")
+                           f"x{row.get('tokens_per_s_vs_hf', float('nan')):5.2f} HF (best-of x"
+                           f"{row.get('tokens_per_s_vs_hf_best', float('nan')):5.2f})  MFU {100 * row['mfu']:5.1f}%")
+            for c in cases:
+                if profile and (c.key in profile or crow[c.key]["model"] in profile):
+                    crow[c.key]["profile_top"] = profile_step(c)
+                    top = ", ".join(f"{e['op']} {e['self_pct']}%" for e in crow[c.key]["profile_top"][:6])
+                    common.log(f"{dname} n={n} {crow[c.key]['model']} profile: {top}")
             del cases
     return {"benchmark": "train_step", "machine": common.finish_machine(machine),
             "settings": {"plan": {str(k): v for k, v in plan.items()}, "dtypes": dtypes, "repeats": repeats,
@@ -235,7 +345,11 @@ def run(plan: dict[int, list[str]], dtypes: list[str], repeats: int,
                          "peak_flops": {k: v for k, v in peaks.items()},
                          "peak_source": "GEMM probe (pretrain.compute.gemm_probe_tflops, 1024^3, best of 5 chunks)",
                          "bf16": "bf16 weights + fp32 master AdamW (both); hf_bert_autocast: autocast, fp32 weights",
-                         "timing": "median of interleaved rounds after one warm-up step (rotated order)"},
+                         "timing": "median of interleaved rounds after one warm-up step (rotated order)",
+                         "timing_best": "step_s_min / tokens_per_s_best / tokens_per_s_vs_hf_best: fastest round",
+                         "adamw": adamw,
+                         "ceilings": f"{', '.join(CEILINGS)}: {CEILING_NOTE} (bench-only stand-ins, see "
+                                     "bench/train_step.py's docstring)"},
             "rows": rows}
 
 
@@ -247,14 +361,26 @@ def main(argv: list[str] | None = None) -> None:
                     help="subset of the plan's sequence lengths")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--out", default=os.path.join(common.RESULTS, "train_step.json"))
+    ap.add_argument("--models", type=lambda s: s.split(","), default=None,
+                    help="rows to run instead of the plan's (e.g. hf_bert,softmax,linformer,noattn,hf_bert_noattn; "
+                         "NAME+fused_adamw: that row with fused AdamW); hf_bert_autocast (bf16) only when named")
+    ap.add_argument("--profile", type=lambda s: s.split(","), default=None,
+                    help="rows to profile once after the timed rounds (e.g. linformer)")
+    ap.add_argument("--adamw", choices=["default", "fused"], default="default",
+                    help="default: torch.optim.AdamW as pretrain/trainer.py builds it (for-loop on CPU); "
+                         "fused: fused=True (one C++ kernel), for comparison")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-report", action="store_true")
     a = ap.parse_args(argv)
     plan = dict(TINY_PLAN if a.tiny else FULL_PLAN)
     if a.sizes:
         plan = {n: v for n, v in plan.items() if n in a.sizes}
+    if a.models:  # these rows at each of the plan's sizes (a "+fused_adamw" suffix: that row with fused AdamW)
+        plan = {n: [x for x in a.models if x != "hf_bert_autocast"] for n in plan}
     repeats = a.repeats if a.repeats is not None else (1 if a.tiny else 5)
-    payload = run(plan, a.dtypes, repeats, 256 if a.tiny else TOKENS_PER_STEP)
+    payload = run(plan, a.dtypes, repeats, 256 if a.tiny else TOKENS_PER_STEP,
+                  autocast_row=a.models is None or "hf_bert_autocast" in a.models, profile=a.profile,
+                  adamw=a.adamw)
     common.finish(payload, a.out, a.tiny, a.no_report)
 
 

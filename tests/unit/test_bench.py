@@ -87,19 +87,37 @@ def test_train_step_tiny(runs):
     assert d["settings"]["peak_flops"]["fp32"] > 0
     rows = d["rows"]
     (n, names), = TINY_PLAN.items()
-    want = {"hf_bert" if x == "hf_bert" else f"bertforge/{x}" for x in names}
+    want = {x if x.startswith("hf_bert") else f"bertforge/{x}" for x in names}
     assert {r["model"] for r in rows} == want
     for r in rows:
         assert r["status"] == "ok", r
         assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"], r
         assert r["flops_per_step"] > 0
+        assert r["step_s_min"] > 0 and r["tokens_per_s_vs_hf_best"] > 0, r
+    # the attention-free ceilings ran, with their stand-ins, and are marked as such
+    by = {r["model"]: r for r in rows}
+    for model in ("bertforge/noattn", "hf_bert_noattn"):
+        assert by[model]["ceiling"] is True and "ceiling: no attention at all" in by[model]["flops_note"]
+        assert by[model]["flops_per_step"] < by["bertforge/softmax" if model.startswith("bertforge") else
+                                                 "hf_bert"]["flops_per_step"]
+    assert by["hf_bert_noattn"]["hf_attn_implementation"] == "bench_noattn"
+    assert by["hf_bert"]["hf_attn_implementation"] != "bench_noattn"
+    from model.attention import available
+
+    assert "bench_noattn" not in available()  # bench-only: never registered by the library itself
+    # the report's ceiling section and the verdict detail render from this run
+    from bench import report
+
+    text = "\n".join(report.ceiling_section(d))
+    assert "Attention-free ceiling" in text and "bertforge without attention" in text
+    assert "ceiling: no attention at all" in text
 
 
 def test_loader_tiny(runs):
     d = _result(runs, "loader")
     _machine_ok(d)
     pipes = {r["pipeline"] for r in d["rows"]}
-    assert pipes == {"bertforge", "wds_plain", "wds_plain_nomask"}
+    assert {"bertforge", "wds_plain", "wds_plain_nomask"} <= pipes  # (+ bertforge_stream once loader.py has it)
     for r in d["rows"]:
         assert r["status"] == "ok", r
         assert r["samples_per_s"] > 0
