@@ -218,9 +218,9 @@ def test_report_table_and_plots_match_the_event_files(runs, tmp_path):
 SLOW_LOADER = '''
 import os, sys, time
 sys.path.insert(0, {root!r})
-from data_pipeline import loader
+from data_pipeline import global_order
 
-_iter = loader.TrainLoader.__iter__
+_iter = global_order.GlobalTrainLoader.__iter__  # the default data.order=global
 
 
 def _slow(self):
@@ -229,7 +229,7 @@ def _slow(self):
         yield batch
 
 
-loader.TrainLoader.__iter__ = _slow
+global_order.GlobalTrainLoader.__iter__ = _slow
 from launch.train import main
 
 sys.exit(main())
