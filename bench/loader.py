@@ -5,8 +5,11 @@ reading the same shards, prepared from the ``demo_stdlib`` corpus.
     .venv/bin/python bench/loader.py --tiny --out /tmp/l.json --data-dir /tmp/l
 
 Pipelines (micro batch 32, seq_len 128, one data-parallel rank; ``workers`` = DataLoader workers):
-    bertforge            ``data_pipeline.loader.build_train_loader``: seeded shard order, slot split,
-                         seeded shuffle buffer, .npy decode, keyed MLM masking (``Masker``), collate.
+    bertforge            ``data_pipeline.loader.build_train_loader`` with the default ``data.order=global``:
+                         seeded per-epoch permutation, random access through ``wids`` (mmap), .npy decode,
+                         keyed MLM masking (``Masker``), collate.
+    bertforge_stream     the same with ``data.order=stream``: seeded shard order, slot split, seeded
+                         shuffle buffer, sequential tar reads.
     wds_plain            ``webdataset.WebDataset(shards).shuffle(buffer)`` -> np.load of ``ids.npy`` ->
                          the same ``Masker`` per sample (seeded by key) -> stack into the same batch dict,
                          batched by ``wds.WebLoader`` (same number of workers).
@@ -55,12 +58,12 @@ def _train_shards(data_dir: str) -> list[str]:
     return [os.path.join(data_dir, s["name"]) for s in m["shards"] if s["split"] == "train"]
 
 
-def bertforge_iter(cfg, workers: int):
+def bertforge_iter(cfg, workers: int, order: str = "global"):
     import dataclasses
 
     from data_pipeline.loader import build_train_loader
 
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=workers))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=workers, order=order))
     return iter(build_train_loader(cfg, 0, 1, MICRO_BATCH))
 
 
@@ -106,6 +109,7 @@ def run(cfg, workers_list: list[int], samples: int, rounds: int) -> dict[str, An
     pipes = []
     for w in workers_list:
         pipes += [("bertforge", w, lambda w=w: bertforge_iter(cfg, w)),
+                  ("bertforge_stream", w, lambda w=w: bertforge_iter(cfg, w, "stream")),
                   ("wds_plain", w, lambda w=w: wds_iter(cfg, w, True)),
                   ("wds_plain_nomask", w, lambda w=w: wds_iter(cfg, w, False))]
     times: dict[tuple[str, int], list[float]] = {(p, w): [] for p, w, _ in pipes}

@@ -290,6 +290,15 @@ def train_section(d: dict, out_dir: str) -> list[str]:
     return lines
 
 
+def _adamw(d: dict) -> str:
+    a = d.get("settings", {}).get("adamw", "default")
+    if a == "fused":
+        return "`fused=True` (what pretrain/trainer.py and HF's Trainer build)"
+    if a == "loop":
+        return "the for-loop AdamW (`--adamw loop`)"
+    return "the for-loop AdamW the trainer built before it switched to `fused=True`"
+
+
 def ceiling_section(d: dict) -> list[str]:
     """"Attention-free ceiling": the focused run with the no-attention rows (and, when present, the
     same rows with fused AdamW, measured in the same rounds)."""
@@ -307,8 +316,9 @@ def ceiling_section(d: dict) -> list[str]:
              "trainer's AdamW); best-of = fastest round of each row over HF's fastest (other jobs slowed most "
              "rounds; a single lucky round can move it, so the medians are the figures). MFU uses a GEMM probe "
              "taken at the start under the same load, so it is only a rough scale. "
-             f"Rows ending in `{FUSED}` use `torch.optim.AdamW(fused=True)` instead of the trainer's AdamW "
-             "(for-loop on CPU); `x HF` of those is against `hf_bert` with the trainer's AdamW.", "",
+             f"AdamW of every row: {_adamw(d)}. "
+             f"Rows ending in `{FUSED}` use `torch.optim.AdamW(fused=True)`; `x HF` of those is against `hf_bert` "
+             "with the run's AdamW.", "",
              "| model | dtype | step s (median) | tokens/s | x HF | step s (best) | x HF best-of | MFU | note |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:

@@ -39,7 +39,8 @@ FLOPs of both: the softmax count minus the core attention (``model.flops.attenti
 
 Timing: one warm-up step per model, then interleaved rounds (rotated order), median step time.
 ``--models A,B,...`` runs those rows instead of the plan's; ``NAME+fused_adamw`` is row NAME with
-``torch.optim.AdamW(fused=True)`` (``--adamw fused`` switches every row), to measure the optimizer's share.
+``torch.optim.AdamW(fused=True)``. Every row's AdamW is fused by default (what ``pretrain/trainer.py`` and
+HF's Trainer, ``adamw_torch_fused``, build); ``--adamw loop`` switches every row to the for-loop AdamW.
 ``--profile NAME[,NAME]`` adds a torch.profiler table (top ops by self CPU time) of one more step of
 those rows to the JSON (``profile_top``).
 """
@@ -143,7 +144,9 @@ class Case:
         from pretrain.trainer import param_groups
 
         self.name, self.n, self.bf16 = name, n, bf16
-        opt_kw = {"fused": True} if adamw == "fused" else {}  # the trainer's AdamW is the default (for-loop)
+        # default: fused AdamW, what both trainers run (pretrain.trainer._fused_adamw; HF Trainer's
+        # adamw_torch_fused since torch 2.8); loop: the plain for-loop AdamW, to show the optimizer's share
+        opt_kw = {} if adamw == "loop" else {"fused": True}
         self.batch = max(1, tokens_per_step // n)
         self.data = make_batch(self.batch, n)
         num_masked = int((self.data["labels"] != -100).sum())
@@ -366,9 +369,9 @@ def main(argv: list[str] | None = None) -> None:
                          "NAME+fused_adamw: that row with fused AdamW); hf_bert_autocast (bf16) only when named")
     ap.add_argument("--profile", type=lambda s: s.split(","), default=None,
                     help="rows to profile once after the timed rounds (e.g. linformer)")
-    ap.add_argument("--adamw", choices=["default", "fused"], default="default",
-                    help="default: torch.optim.AdamW as pretrain/trainer.py builds it (for-loop on CPU); "
-                         "fused: fused=True (one C++ kernel), for comparison")
+    ap.add_argument("--adamw", choices=["default", "fused", "loop"], default="default",
+                    help="default (= fused): AdamW(fused=True), what pretrain/trainer.py and HF's Trainer "
+                         "(adamw_torch_fused) build; loop: the plain for-loop AdamW, to show the optimizer's share")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-report", action="store_true")
     a = ap.parse_args(argv)
@@ -380,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     repeats = a.repeats if a.repeats is not None else (1 if a.tiny else 5)
     payload = run(plan, a.dtypes, repeats, 256 if a.tiny else TOKENS_PER_STEP,
                   autocast_row=a.models is None or "hf_bert_autocast" in a.models, profile=a.profile,
-                  adamw=a.adamw)
+                  adamw="fused" if a.adamw == "default" else a.adamw)
     common.finish(payload, a.out, a.tiny, a.no_report)
 
 

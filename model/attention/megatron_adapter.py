@@ -90,6 +90,8 @@ class _SequenceFirstCore(MegatronModule):
                 key_padding_mask = ~attention_mask[:, 0, 0, :]  # [b, 1, 1, s] -> [b, s], True = real
             else:  # [b, 1, s, s]: a key is real if some query may attend to it
                 key_padding_mask = (~attention_mask[:, 0]).any(dim=1)  # [b, s]
+            if key_padding_mask.device.type == "cpu" and bool(key_padding_mask.all()):
+                key_padding_mask = None  # no padding: skip the masking work (checked on CPU, where it costs no sync)
         out = self.core(q, k, v, key_padding_mask)  # [b, h, s, d]
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)  # [b, h, s, d] -> [s, b, h*d]
 

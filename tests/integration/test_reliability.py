@@ -145,6 +145,7 @@ def preempt(tmp_path_factory, tiny_data):
     finally:
         first.kill()
     st1 = status(run_dir)
+    marker1 = marker(run_dir, f"global_step{st1.get('step')}")  # now: the relaunch's keep_last may prune it
     second = Background(run_dir, tiny_data, *LONG, log=str(root / "second.log"))
     try:
         second.wait_for(r"resuming at step \d+")
@@ -154,7 +155,7 @@ def preempt(tmp_path_factory, tiny_data):
         stop_to_exit = time.time() - t0
     finally:
         second.kill()
-    return SimpleNamespace(run_dir=run_dir, rc1=rc1, out1=first.output(), status1=st1,
+    return SimpleNamespace(run_dir=run_dir, rc1=rc1, out1=first.output(), status1=st1, marker1=marker1,
                            signal_to_exit=signal_to_exit,
                            rc2=rc2, out2=second.output(), status2=status(run_dir), stop_to_exit=stop_to_exit)
 
@@ -166,7 +167,7 @@ def test_sigusr1_to_one_rank_saves_and_all_exit_zero(preempt):
     assert s["state"] == "preempted" and s["reason"] == "SIGUSR1", s
     n = s["step"]
     assert n >= 5 and s["checkpoint"] == f"global_step{n}"
-    m = marker(p.run_dir, f"global_step{n}")
+    m = p.marker1
     assert m is not None and m["step"] == n
     assert "received SIGUSR1" in p.out1 and f"stopped at step {n}" in p.out1
     assert p.signal_to_exit < 30, p.signal_to_exit  # inside the launcher's SIGTERM->SIGKILL grace

@@ -117,7 +117,7 @@ def test_loader_tiny(runs):
     d = _result(runs, "loader")
     _machine_ok(d)
     pipes = {r["pipeline"] for r in d["rows"]}
-    assert {"bertforge", "wds_plain", "wds_plain_nomask"} <= pipes  # (+ bertforge_stream once loader.py has it)
+    assert pipes == {"bertforge", "bertforge_stream", "wds_plain", "wds_plain_nomask"}
     for r in d["rows"]:
         assert r["status"] == "ok", r
         assert r["samples_per_s"] > 0

@@ -93,6 +93,15 @@ def test_padding_invariance(name, cfg):
 
 
 @pytest.mark.parametrize(("name", "cfg"), CASES, ids=IDS)
+def test_no_mask_equals_an_all_true_mask(name, cfg):
+    """The adapter passes None for a batch without padding (it skips the masking work): same outputs."""
+    block = _block(name, cfg)
+    x, _ = _inputs()
+    with_mask = block(x, torch.ones(2, N, dtype=torch.bool))
+    torch.testing.assert_close(block(x, None), with_mask, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "cfg"), CASES, ids=IDS)
 def test_finite_gradients_into_every_parameter(name, cfg):
     block = _block(name, cfg).train()
     x, mask = _inputs()
