@@ -12,6 +12,10 @@ Corpus entries (``data.corpus`` is a list of them):
 
 The demo corpora are built in parallel, deterministically (sorted files, ordered results, first
 occurrence wins when de-duplicating) and cached as ``<data_dir>/corpus/<name>.jsonl``.
+
+Everything streams: :func:`iter_documents` and the readers are generators (a ``.txt`` file is read
+line by line, a ``.jsonl`` file one line at a time, the demo corpus is written to its cache as it is
+collected and then read back from it), so memory does not grow with the size of the corpus.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import re
 import sys
 import sysconfig
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from tqdm import tqdm
 
@@ -74,16 +78,29 @@ def expand_entry(entry: str) -> list[str]:
     return paths
 
 
-def read_txt(path: str) -> list[str]:
-    """Documents of a text file: blocks separated by blank lines, stripped, empty ones dropped."""
+_BLANK_LINE = re.compile(r"[ \t\r\f\v]*\n?")
+
+
+def read_txt(path: str) -> Iterator[str]:
+    """Documents of a text file, one at a time: blocks separated by blank lines (lines holding only
+    spaces, tabs and the like), stripped, empty ones dropped. Reads line by line."""
+    lines: list[str] = []
     with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    return [d.strip() for d in re.split(r"\n[ \t\r\f\v]*\n", text) if d.strip()]
+        for line in f:
+            if _BLANK_LINE.fullmatch(line):
+                doc = "".join(lines).strip()
+                lines = []
+                if doc:
+                    yield doc
+            else:
+                lines.append(line)
+    doc = "".join(lines).strip()
+    if doc:
+        yield doc
 
 
-def read_jsonl(path: str) -> list[str]:
-    """The non-empty ``text`` fields of a JSON-lines file."""
-    docs = []
+def read_jsonl(path: str) -> Iterator[str]:
+    """The non-empty ``text`` fields of a JSON-lines file, stripped, one line at a time."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -96,8 +113,7 @@ def read_jsonl(path: str) -> list[str]:
             if not isinstance(text, str):
                 raise DataError(f"{path}:{lineno} has no string 'text' field; every line needs {{\"text\": ...}}")
             if text.strip():
-                docs.append(text.strip())
-    return docs
+                yield text.strip()
 
 
 def file_fingerprint(corpus: list[str]) -> list[list]:
@@ -168,17 +184,16 @@ def docstrings(path: str) -> list[str]:
     return docs
 
 
-def _collect_docstrings(files: list[str], max_bytes: int, workers: int, desc: str) -> list[str]:
-    """Docstrings of ``files`` in file order, de-duplicated, until ``max_bytes`` of UTF-8 text."""
+def _collect_docstrings(files: list[str], max_bytes: int, workers: int, desc: str) -> Iterator[str]:
+    """Docstrings of ``files`` in file order, de-duplicated, until ``max_bytes`` of UTF-8 text (yielded
+    one at a time; only a 20-byte digest per document is kept, to de-duplicate)."""
     seen: set[bytes] = set()
-    docs: list[str] = []
     total = 0
-    full = False
     bar = tqdm(total=len(files), desc=desc, unit="file", disable=None, leave=False)
+    pool = None
     try:
         if workers <= 1:
             results: Iterable[list[str]] = map(docstrings, files)
-            pool = None
         else:
             pool = multiprocessing.get_context("spawn").Pool(workers)
             # imap keeps the file order, so the corpus does not depend on the worker count
@@ -191,33 +206,57 @@ def _collect_docstrings(files: list[str], max_bytes: int, workers: int, desc: st
                     continue
                 size = len(doc.encode())
                 if total + size > max_bytes:
-                    full = True
-                    break
+                    return
                 seen.add(digest)
-                docs.append(doc)
                 total += size
-            if full:
-                break
+                yield doc
     finally:
         bar.close()
-        if workers > 1 and pool is not None:
+        if pool is not None:
             pool.terminate()
             pool.join()
-    return docs
 
 
-def _write_jsonl(path: str, docs: list[str]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def _demo_meta(name: str, cap_mb: float) -> dict:
+    return {"format": _DEMO_FORMAT, "name": name, "max_mb": cap_mb, "python": sys.version.split()[0],
+            "roots": demo_roots(name)}
+
+
+def _build_demo_cache(name: str, cap_mb: float, cache: str, meta_path: str, workers: int) -> None:
+    """Collect the demo corpus straight into ``cache`` (via a temporary file), then write its meta."""
+    meta = _demo_meta(name, cap_mb)
+    t0 = time.perf_counter()
+    files = python_files(meta["roots"])
+    workers = resolve_workers(workers)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.tmp{os.getpid()}"
+    count = nbytes = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for doc in _collect_docstrings(files, int(cap_mb * _MB), workers, desc=f"corpus {name}"):
+                f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+                count += 1
+                nbytes += len(doc.encode())
+        os.replace(tmp, cache)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    log.info("corpus %s: %d documents (%.1f MB, cap %.1f MB) from %d source files under %d roots "
+             "in %.1f s with %d workers", name, count, nbytes / _MB, cap_mb, len(files), len(meta["roots"]),
+             time.perf_counter() - t0, workers)
+    tmp = f"{meta_path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({**meta, "documents": count, "bytes": nbytes}, f, indent=1)
+    os.replace(tmp, meta_path)
 
 
 def demo_documents(name: str = DEMO, data_dir: str | None = None, max_mb: float = 48.0,
-                   workers: int = 0) -> list[str]:
-    """Build (or read from its cache) the demo corpus ``demo`` or ``demo_stdlib``.
+                   workers: int = 0) -> Iterator[str]:
+    """The documents of the demo corpus ``demo`` or ``demo_stdlib``, streamed.
+
+    With a ``data_dir`` the corpus is built into ``<data_dir>/corpus/<name>.jsonl`` when that cache is
+    missing or stale (this happens on the call), then read back one line at a time; without one the
+    documents are yielded as they are collected.
 
     Args:
         name: ``demo`` (stdlib + site-packages) or ``demo_stdlib`` (fixed stdlib slice, <= 2 MB).
@@ -225,41 +264,33 @@ def demo_documents(name: str = DEMO, data_dir: str | None = None, max_mb: float 
         max_mb: cap in MB of UTF-8 text.
         workers: parsing processes; 0 = one per CPU core.
     """
+    cap_mb = demo_cap_mb(name, max_mb)
+    if not data_dir:
+        return _collect_docstrings(python_files(demo_roots(name)), int(cap_mb * _MB), resolve_workers(workers),
+                                   desc=f"corpus {name}")
+    meta = _demo_meta(name, cap_mb)
+    cache = os.path.join(data_dir, "corpus", f"{name}.jsonl")
+    meta_path = os.path.join(data_dir, "corpus", f"{name}.meta.json")
+    old: dict = {}
+    if os.path.isfile(cache) and os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+    if {k: old.get(k) for k in meta} == meta:
+        log.info("corpus %s: %d documents (%.1f MB) from cache %s", name, old.get("documents", 0),
+                 old.get("bytes", 0) / _MB, cache)
+    else:
+        _build_demo_cache(name, cap_mb, cache, meta_path, workers)
+    return read_jsonl(cache)
+
+
+def demo_cap_mb(name: str, max_mb: float) -> float:
+    """The cap in MB of the demo corpus ``name`` under ``data.corpus_max_mb=max_mb`` (checked)."""
     if name not in DEMO_NAMES:
         raise DataError(f"unknown demo corpus '{name}'; valid: {', '.join(DEMO_NAMES)}")
     cap_mb = min(max_mb, STDLIB_SLICE_MB) if name == DEMO_STDLIB else max_mb
     if cap_mb <= 0:
         raise DataError(f"data.corpus_max_mb={max_mb} leaves no room for the '{name}' corpus; make it positive")
-    roots = demo_roots(name)
-    meta = {"format": _DEMO_FORMAT, "name": name, "max_mb": cap_mb, "python": sys.version.split()[0],
-            "roots": roots}
-    cache = meta_path = None
-    if data_dir:
-        cache = os.path.join(data_dir, "corpus", f"{name}.jsonl")
-        meta_path = os.path.join(data_dir, "corpus", f"{name}.meta.json")
-        if os.path.isfile(cache) and os.path.isfile(meta_path):
-            with open(meta_path) as f:
-                old = json.load(f)
-            if {k: old.get(k) for k in meta} == meta:
-                docs = read_jsonl(cache)
-                log.info("corpus %s: %d documents (%.1f MB) from cache %s", name, len(docs),
-                         old.get("bytes", 0) / _MB, cache)
-                return docs
-    t0 = time.perf_counter()
-    files = python_files(roots)
-    workers = resolve_workers(workers)
-    docs = _collect_docstrings(files, int(cap_mb * _MB), workers, desc=f"corpus {name}")
-    nbytes = sum(len(d.encode()) for d in docs)
-    log.info("corpus %s: %d documents (%.1f MB, cap %.1f MB) from %d source files under %d roots "
-             "in %.1f s with %d workers", name, len(docs), nbytes / _MB, cap_mb, len(files), len(roots),
-             time.perf_counter() - t0, workers)
-    if cache and meta_path:
-        _write_jsonl(cache, docs)
-        tmp = f"{meta_path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({**meta, "documents": len(docs), "bytes": nbytes}, f, indent=1)
-        os.replace(tmp, meta_path)
-    return docs
+    return cap_mb
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,36 +299,63 @@ def demo_documents(name: str = DEMO, data_dir: str | None = None, max_mb: float 
 
 
 def iter_documents(corpus: list[str] | str, data_dir: str | None = None, max_mb: float = 48.0,
-                   workers: int = 0) -> list[str]:
-    """All documents of ``corpus`` in entry order.
+                   workers: int = 0) -> Iterator[str]:
+    """The documents of ``corpus`` in entry order, streamed (nothing is gathered in memory).
+
+    The entries are checked on the call (a missing file or a bad extension raises at once); the
+    files are read, and a demo corpus built, as the iterator is consumed.
 
     Args:
         corpus: entries (paths, globs, ``demo``, ``demo_stdlib``); a single string is one entry.
         data_dir: where the demo corpora are cached (``<data_dir>/corpus/``); None = no cache.
-        max_mb: cap of each demo corpus in MB of text (files are read whole).
+        max_mb: cap of each demo corpus in MB of text (files are read in full).
         workers: processes for building a demo corpus; 0 = one per CPU core.
 
     Returns:
-        The documents (non-empty, stripped strings).
+        An iterator of the documents (non-empty, stripped strings).
 
     Raises:
-        DataError: an entry matches no file, a file is malformed, or the corpus holds no text.
+        DataError: an entry matches no file, a file is malformed, or the corpus holds no text (the
+        last two while iterating).
     """
     if isinstance(corpus, str):
         corpus = [corpus]
     if not corpus:
         raise DataError("data.corpus is empty; list .txt/.jsonl paths or globs, or use [demo]")
-    docs: list[str] = []
-    nfiles = 0
+    entries = [(e, None) if e in DEMO_NAMES else (e, expand_entry(e)) for e in corpus]
+    for e, paths in entries:
+        if paths is None:
+            demo_cap_mb(e, max_mb)
+    return _stream(entries, data_dir, max_mb, workers)
+
+
+def _stream(entries: list[tuple[str, list[str] | None]], data_dir: str | None, max_mb: float,
+            workers: int) -> Iterator[str]:
+    count = nfiles = 0
+    for entry, paths in entries:
+        if paths is None:
+            for doc in demo_documents(entry, data_dir, max_mb, workers):
+                count += 1
+                yield doc
+            continue
+        for path in paths:
+            nfiles += 1
+            for doc in read_txt(path) if path.endswith(".txt") else read_jsonl(path):
+                count += 1
+                yield doc
+    if not count:
+        raise DataError(f"corpus {[e for e, _ in entries]} holds no text ({nfiles} files read); "
+                        "add non-empty .txt/.jsonl files or use data.corpus=[demo]")
+
+
+def estimate_bytes(corpus: list[str] | str, max_mb: float = 48.0) -> int:
+    """An upper bound (about) of the text bytes of ``corpus``: file sizes, and the cap of a demo corpus."""
+    if isinstance(corpus, str):
+        corpus = [corpus]
+    total = 0
     for entry in corpus:
         if entry in DEMO_NAMES:
-            docs.extend(demo_documents(entry, data_dir, max_mb, workers))
-            continue
-        for path in expand_entry(entry):
-            nfiles += 1
-            docs.extend(read_txt(path) if path.endswith(".txt") else read_jsonl(path))
-    if not docs:
-        raise DataError(f"corpus {list(corpus)} holds no text ({nfiles} files read); "
-                        "add non-empty .txt/.jsonl files or use data.corpus=[demo]")
-    return docs
-
+            total += int(demo_cap_mb(entry, max_mb) * _MB)
+        else:
+            total += sum(os.path.getsize(p) for p in expand_entry(entry))
+    return total

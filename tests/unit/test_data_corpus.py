@@ -25,10 +25,10 @@ def test_txt_jsonl_and_globs(tmp_path):
         f.write(json.dumps({"text": "JSON doc one."}) + "\n\n")
         f.write(json.dumps({"text": "   "}) + "\n")
         f.write(json.dumps({"text": "JSON doc two.", "meta": 1}) + "\n")
-    docs = C.iter_documents([str(tmp_path / "*.txt"), str(tmp_path / "c.jsonl")])
+    docs = list(C.iter_documents([str(tmp_path / "*.txt"), str(tmp_path / "c.jsonl")]))
     assert docs == ["First doc line one.\nline two.", "Second doc.", "Third doc.", "Only doc of b.",
                     "JSON doc one.", "JSON doc two."]
-    assert C.iter_documents(str(tmp_path / "b.txt")) == ["Only doc of b."]
+    assert list(C.iter_documents(str(tmp_path / "b.txt"))) == ["Only doc of b."]
 
 
 @pytest.mark.parametrize("setup", ["no_match", "whitespace_only", "empty_list", "bad_ext", "bad_json", "no_text"])
@@ -48,7 +48,7 @@ def test_bad_corpus_raises_one_line(tmp_path, setup):
         entry = str(tmp_path / "x.jsonl")
         (tmp_path / "x.jsonl").write_text('{"body": "no text field"}\n')
     with pytest.raises(DataError) as err:
-        C.iter_documents([] if setup == "empty_list" else [entry])
+        list(C.iter_documents([] if setup == "empty_list" else [entry]))
     msg = _one_line(err)
     assert isinstance(err.value, ValueError)
     if setup == "no_match":
@@ -83,22 +83,52 @@ def test_docstrings_filters_short_ones(tmp_path):
 
 def test_demo_stdlib_is_deterministic_capped_and_cached(tmp_path):
     cap = 0.2
-    docs = C.demo_documents(C.DEMO_STDLIB, str(tmp_path), max_mb=cap, workers=2)
+    docs = list(C.demo_documents(C.DEMO_STDLIB, str(tmp_path), max_mb=cap, workers=2))
     assert docs and len(set(docs)) == len(docs)
     assert sum(len(d.encode()) for d in docs) <= cap * 1_000_000
     assert all(len(d) >= C.MIN_DOC_CHARS for d in docs)
     assert os.path.isfile(tmp_path / "corpus" / "demo_stdlib.jsonl")
     t0 = time.perf_counter()
-    cached = C.iter_documents(["demo_stdlib"], str(tmp_path), max_mb=cap, workers=2)
+    cached = list(C.iter_documents(["demo_stdlib"], str(tmp_path), max_mb=cap, workers=2))
     assert time.perf_counter() - t0 < 1.0
     assert cached == docs
     # same documents with one process and no cache: the order does not depend on the worker count
-    assert C.demo_documents(C.DEMO_STDLIB, None, max_mb=cap, workers=1) == docs
+    assert list(C.demo_documents(C.DEMO_STDLIB, None, max_mb=cap, workers=1)) == docs
     # another cap rebuilds instead of reusing the cache
-    smaller = C.demo_documents(C.DEMO_STDLIB, str(tmp_path), max_mb=0.05, workers=1)
+    smaller = list(C.demo_documents(C.DEMO_STDLIB, str(tmp_path), max_mb=0.05, workers=1))
     assert smaller == docs[:len(smaller)] and len(smaller) < len(docs)
 
 
 def test_demo_roots():
     assert C.demo_roots(C.DEMO_STDLIB) == C.demo_roots(C.DEMO)[:1]
     assert any("site-packages" in r for r in C.demo_roots(C.DEMO))
+
+
+def test_txt_reader_streams_and_splits_like_the_blank_line_rule(tmp_path):
+    """Read line by line, a .txt file gives the documents of re.split on blank lines of the whole text."""
+    import re
+
+    text = ("\n  \nfirst\nstill first \n\t\n\n\nsecond\x0b\n\x0b \n third \r\n\r\nfourth\u00a0\n\u00a0\nstill fourth\n"
+            "last line without newline  ")
+    (tmp_path / "t.txt").write_text(text, newline="")
+    with open(tmp_path / "t.txt", encoding="utf-8") as f:  # universal newlines, as the reader sees them
+        whole = f.read()
+    expected = [d.strip() for d in re.split(r"\n[ \t\r\f\v]*\n", whole) if d.strip()]
+    reader = C.read_txt(str(tmp_path / "t.txt"))
+    assert not isinstance(reader, list) and list(reader) == expected
+    assert expected[0] == "first\nstill first" and expected[2] == "third"
+    assert expected[-1] == "fourth\u00a0\n\u00a0\nstill fourth\nlast line without newline"  # NBSP is text
+
+
+def test_iter_documents_is_lazy(tmp_path):
+    """Entries are checked at the call; documents come one at a time, so a bad line late in a file only
+    stops the stream when it is reached."""
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{broken\n')
+    with pytest.raises(DataError, match="matches no file"):
+        C.iter_documents([str(tmp_path / "a.jsonl"), str(tmp_path / "missing.txt")])
+    it = C.iter_documents([str(tmp_path / "a.jsonl")])
+    assert next(it) == "one" and next(it) == "two"
+    with pytest.raises(DataError, match=r"a.jsonl:3 is not valid JSON"):
+        next(it)
+    assert C.estimate_bytes([str(tmp_path / "a.jsonl"), "demo_stdlib"], max_mb=1.0) == (
+        os.path.getsize(tmp_path / "a.jsonl") + 1_000_000)
