@@ -212,35 +212,41 @@ def test_failed_save_keeps_the_previous_checkpoint(preempt):
 
 @pytest.fixture(scope="module")
 def universal(kill_resume, tmp_path_factory, tiny_data):
-    """The 2-rank ZeRO-1 step-10 checkpoint resumed on 1 rank through ds_to_universal. From step 12 every
-    loss is poisoned: after train.max_nan_skips=2 skipped steps the NaN guard rolls back to the step-10
-    checkpoint (nan_policy=rollback), meets the poison again and stops the run."""
+    """The 2-rank ZeRO-1 step-5 checkpoint resumed on 1 rank through ds_to_universal, with 2 accumulation
+    steps so the global batch stays 2 x 8: steps 6-10 see the very samples of the uninterrupted 2-rank run.
+    From step 12 every loss is poisoned: after train.max_nan_skips=2 skipped steps the NaN guard rolls back
+    to the step-10 checkpoint this run saved (nan_policy=rollback), meets the poison again and stops."""
     ok(kill_resume.p_base)
     run_dir = str(tmp_path_factory.mktemp("universal") / "run")
     src = os.path.join(kill_resume.base, "checkpoints")
     os.makedirs(os.path.join(run_dir, "checkpoints"))
-    shutil.copytree(os.path.join(src, "global_step10"), os.path.join(run_dir, "checkpoints", "global_step10"))
-    shutil.copy(os.path.join(src, "latest"), os.path.join(run_dir, "checkpoints", "latest"))
+    shutil.copytree(os.path.join(src, "global_step5"), os.path.join(run_dir, "checkpoints", "global_step5"))
+    with open(os.path.join(run_dir, "checkpoints", "latest"), "w") as f:
+        f.write("global_step5")
     proc = launch(run_dir, tiny_data, *EXACT, "train.steps=20", "train.load_universal=true", "train.max_nan_skips=2",
-                  "train.nan_policy=rollback", nproc=1, extra_env={FAULT: "nan_loss@12-"})
+                  "train.gradient_accumulation_steps=2", "train.nan_policy=rollback", nproc=1,
+                  extra_env={FAULT: "nan_loss@12-"})
     return SimpleNamespace(run_dir=run_dir, proc=proc, base=kill_resume.base)
 
 
 def test_universal_checkpoint_resumes_two_ranks_on_one(universal):
     u = universal
     out = text(u.proc)
-    assert "resuming at step 10 " in out and "through the universal checkpoint" in out
-    assert "data-parallel size 2 -> 1: the global data order continues exactly at sample 160" in out
-    saved_norm = marker(u.base, "global_step10")["param_norm"]
+    assert "resuming at step 5 " in out and "through the universal checkpoint" in out
+    assert "data-parallel size 2 -> 1: the global data order continues exactly at sample 80" in out
+    saved_norm = marker(u.base, "global_step5")["param_norm"]
     assert f"loaded weights match the checkpoint (parameter norm {saved_norm:.8g})" in out
-    assert os.path.isfile(os.path.join(u.run_dir, "checkpoints", "global_step10_universal", "COMPLETE"))
-    assert open(os.path.join(u.run_dir, "checkpoints", "latest_universal")).read().strip() == "global_step10_universal"
+    assert os.path.isfile(os.path.join(u.run_dir, "checkpoints", "global_step5_universal", "COMPLETE"))
     (events,) = event_files(u.run_dir)
-    loss11 = scalars(events)["train/loss"][11]
+    resumed = scalars(events)["train/loss"]
     base = scalars(*event_files(u.base))["train/loss"]
-    recent = sum(base[s] for s in range(6, 11)) / 5
-    # trained weights, other batches: close to the last losses, far from a fresh model's (~6.24 at step 1)
-    assert abs(loss11 - recent) < 0.2 and base[1] - loss11 > 0.25, (loss11, recent, base[1])
+    # step 6 sees the very samples and masks of the uninterrupted 2-rank run with the same weights: the
+    # same loss. Later steps drift (0.006 at step 7 to 0.06 at step 10, measured): the update after a
+    # universal 2 -> 1 resume with 2 accumulated micro batches is not bit-equal to the 2-rank one (known,
+    # under investigation); they stay close to the uninterrupted losses.
+    assert abs(resumed[6] - base[6]) < 1e-5, (resumed[6], base[6])
+    diffs = {s: abs(resumed[s] - base[s]) for s in range(7, 11)}
+    assert max(diffs.values()) < 0.2, diffs
 
 
 def test_nan_guard_rolls_back_then_stops_with_state_failed_and_one_line(universal):
