@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from model.kernels import lsh_buckets
+
 _WORK_TENSORS = 6  # live [g, r, n] temporaries per tile (logits, probs, masks, dS, ...)
 _TILE_BYTES = 16 << 20  # keep a tile's temporaries about cache-sized (much faster than streaming)
 _MIN_ROWS = 128  # GEMMs get slow below this many rows
@@ -184,8 +186,12 @@ class _LshBlocked(torch.autograd.Function):
 
 def bert_lsh_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codes_q: torch.Tensor,
                      codes_k: torch.Tensor, key_padding_mask: torch.Tensor | None, semantics: str,
-                     dropout_p: float = 0.0, max_bytes: int = 256 << 20) -> torch.Tensor:
+                     dropout_p: float = 0.0, max_bytes: int = 256 << 20, buckets: bool = True) -> torch.Tensor:
     """BERT-LSH attention from precomputed codes, O(block * n) workspace.
+
+    Without dropout, with one table (``code``) or under ``paper``, the bucket form of
+    model/kernels/lsh_buckets.py computes it (only colliding pairs multiplied; same numbers);
+    ``buckets=False`` forces the row-blocked form below.
 
     Args:
         q, k, v: [b, h, n, d] (computed in fp32, or fp64 when given fp64; returned in v's dtype).
@@ -194,6 +200,7 @@ def bert_lsh_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codes_q:
         semantics: ``code`` or ``paper`` (see model/attention/bert_lsh.py).
         dropout_p: dropout on the attention probabilities (mask seeded from the default generator).
         max_bytes: workspace budget that sets the row block.
+        buckets: use the bucket form where it applies.
     """
     b, h, n, d = q.shape
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -204,9 +211,14 @@ def bert_lsh_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codes_q:
         if semantics == "code":  # a fully padded sequence sees every key (its outputs are never used)
             ok = ok | ~key_padding_mask.any(-1, keepdim=True)
         key_bad = (~ok)[:, None, None, :].expand(b, h, 1, n).reshape(b * h, 1, n)
-    seed = int(torch.randint(0, 1 << 62, (1,)).item()) if dropout_p > 0 else 0
     flat = [t.to(ct).reshape(b * h, n, d) for t in (q, k, v)]
     codes = [c.reshape(b * h, c.shape[2], n) for c in (codes_q, codes_k)]
+    if buckets and lsh_buckets.supported(semantics, codes_q.shape[2], dropout_p):
+        key_ok = None if key_bad is None else ~key_bad[:, 0]
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            out = lsh_buckets.bert_lsh_buckets(*flat, *codes, key_ok, semantics, int(max_bytes))
+        return out.view(b, h, n, d).to(out_dtype)
+    seed = int(torch.randint(0, 1 << 62, (1,)).item()) if dropout_p > 0 else 0
     with torch.autocast(device_type=q.device.type, enabled=False):
         out = _LshBlocked.apply(*flat, *codes, key_bad, semantics, float(dropout_p), seed, int(max_bytes))
     return out.view(b, h, n, d).to(out_dtype)
