@@ -4,8 +4,11 @@ With one hash table (``code`` semantics) or under ``paper`` semantics (every tab
 tuple of codes is one code), "collides" is an equivalence: queries and keys fall into buckets and a
 pair collides iff the query's and the key's buckets are the same. Sorting the queries and the keys of
 a head by (code, position) makes every bucket c a pair of contiguous ranges, Q_c and K_c, and all of
-that bucket's products are one small GEMM M_c = Q_c K_c^T / sqrt(d) (about n^2 / 2^bands entries per
-head instead of n^2).
+that bucket's products are M_c = Q_c K_c^T / sqrt(d) (about n^2 / 2^bands entries per head instead of
+n^2). Each bucket is padded to whole tiles of ``TILE`` slots, and every (query tile, key tile) pair of
+a bucket that holds a used entry becomes one batch row, so all groups (batch x heads) and buckets run
+as a few batched GEMMs and elementwise passes over [pairs, T, T] (chunked to ``_CHUNK_BYTES``),
+whatever the number of buckets.
 
 ``code`` semantics (model/attention/bert_lsh.py): S[i, j] = q_i . k_j if j >= i and (q_i, k_j) collide,
 S[i, j] = q_j . k_i if j < i and (q_j, k_i) collide, else 0 (not -inf). An entry (a, b) of M_c, query
@@ -38,9 +41,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-_CHUNK_BYTES = 16 << 20  # temporaries of one row chunk of a bucket block (cache-sized)
-_CHUNK_TEMPS = 18  # bytes per block entry live in a chunk (M_r, M_l, exp, R, Lm, ...)
-_CHUNK_ROWS = 256  # rows per chunk: smaller skips more of the unused lower staircase, at more ops
+_CHUNK_BYTES = 16 << 20  # temporaries of one chunk of tile pairs (about cache-sized: much faster than streaming)
+TILE = 64  # slots per tile (rows and columns): smaller skips more of the unused lower staircase, at more ops
 
 
 def supported(semantics: str, num_tables: int, dropout_p: float) -> bool:
@@ -99,159 +101,209 @@ def _gather(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     return x.reshape(flat.numel(), -1).index_select(0, flat).view(x.shape)
 
 
-def _chunks(iq: torch.Tensor, ik: torch.Tensor, qs: int, qn: int, ks: int, kn: int) -> list[tuple[int, int, int]]:
-    """Row chunks (a0, a1, b0) of a block: entries with j_b < i_a are never used, and both orders
-    ascend within a bucket, so columns before b0 = #{b: j_b < i_(a0)} are skipped for rows a >= a0."""
-    rows = max(1, min(qn, _CHUNK_ROWS, _CHUNK_BYTES // max(1, kn * _CHUNK_TEMPS)))
-    starts = list(range(0, qn, rows))
-    firsts = iq[qs:qs + qn][starts]
-    b0s = torch.searchsorted(ik[ks:ks + kn], firsts).tolist()
-    return [(a0, min(qn, a0 + rows), b0) for a0, b0 in zip(starts, b0s) if b0 < kn]
+class _Side:
+    """The tiled sorted layout of one side (queries or keys): tokens sorted by (bucket, position),
+    each bucket padded to whole tiles of T slots. ``slot_tok`` [S] flat token per slot (0 for a
+    padding slot), ``slot_pos`` [S] its position (``pad_pos`` for padding), ``tok_slot`` [g * n] the
+    slot of each token (S, a null slot, when its bucket has no partner on the other side)."""
+
+    def __init__(self, bucket, counts, live, n, tile, pad_pos):
+        device = bucket.device
+        tiles = torch.where(live, (counts + tile - 1) // tile, 0)  # [B]
+        self.num_tiles = int(tiles.sum().item())
+        size = self.num_tiles * tile
+        tile_start = torch.cumsum(tiles, 0) - tiles
+        first = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(bucket.numel(), device=device) % n
+        order = torch.sort(bucket * n + pos).indices  # flat tokens by (bucket, position)
+        b_sorted = bucket[order]
+        rank = torch.arange(order.numel(), device=device) - first[b_sorted]
+        slot = tile_start[b_sorted] * tile + rank
+        keep = live[b_sorted]
+        self.slot_tok = torch.zeros(size, dtype=torch.long, device=device)
+        self.slot_tok[slot[keep]] = order[keep]
+        self.slot_pos = torch.full((size,), pad_pos, dtype=torch.long, device=device)
+        self.slot_pos[slot[keep]] = pos[order[keep]]
+        self.tok_slot = torch.full((bucket.numel(),), size, dtype=torch.long, device=device)
+        self.tok_slot[order[keep]] = slot[keep]
+        self.tiles, self.tile_start, self.size = tiles, tile_start, size
 
 
-class _Sorted:
-    """One call's bucket plan: the sort orders, the blocks, sorted copies of q (pre-scaled), k, v and
-    the key masks. Orders are [g, n] token positions; ``inv_*`` map back (sorted index of each token)."""
+class _Plan:
+    """Block-sparse plan of one call: both sides' tiled layouts and the (query tile, key tile) pairs
+    of a bucket that hold a used entry (some i_a <= j_b), vectorised over all groups and buckets."""
 
-    def __init__(self, qs, k, v, cq, ck, key_ok):
+    def __init__(self, cq, ck, key_ok, tile):
         g, n = cq.shape
-        codes_q, self.iq = _sorted(cq)
-        codes_k, self.ik = _sorted(ck)
-        self.blocks = _blocks(codes_q, codes_k)
-        ar = torch.arange(n, device=cq.device).expand(g, n)
-        self.inv_q = torch.empty_like(self.iq).scatter_(1, self.iq, ar)
-        self.inv_k = torch.empty_like(self.ik).scatter_(1, self.ik, ar)
-        self.fq, self.fk = _flat_index(self.iq), _flat_index(self.ik)
-        self.finv_q, self.finv_k = _flat_index(self.inv_q), _flat_index(self.inv_k)
-        self.q, self.vq = _gather(qs, self.fq), _gather(v, self.fq)
-        self.k, self.vk = _gather(k, self.fk), _gather(v, self.fk)
-        self.ok_q = None if key_ok is None else key_ok.gather(1, self.iq)  # token i_a is a real key
-        self.ok_k = None if key_ok is None else key_ok.gather(1, self.ik)
-        self.chunks = [[_chunks(self.iq[i], self.ik[i], *blk) for blk in self.blocks[i]] for i in range(g)]
+        device = cq.device
+        span = int(max(cq.max().item(), ck.max().item())) + 1
+        base = torch.arange(g, device=device)[:, None] * span
+        keys, bucket = torch.unique(torch.cat([(cq + base).reshape(-1), (ck + base).reshape(-1)]),
+                                    return_inverse=True)
+        bq, bk = bucket[:g * n], bucket[g * n:]
+        nb = keys.numel()
+        nq, nk = torch.bincount(bq, minlength=nb), torch.bincount(bk, minlength=nb)
+        live = (nq > 0) & (nk > 0)
+        self.tile, self.n, self.g = tile, n, g
+        self.q = _Side(bq, nq, live, n, tile, pad_pos=n + 1)  # padding slots: never <= a key position
+        self.k = _Side(bk, nk, live, n, tile, pad_pos=-1)
+        # candidate pairs per bucket: tiles_q x tiles_k, kept if min position of the query tile
+        # <= max position of the key tile (else every entry has j_b < i_a and is unused)
+        tq, tk = self.q.tiles, self.k.tiles
+        cand = tq * tk
+        total = int(cand.sum().item())
+        cb = torch.repeat_interleave(torch.arange(nb, device=device), cand)
+        local = torch.arange(total, device=device) - (torch.cumsum(cand, 0) - cand)[cb]
+        pi = self.q.tile_start[cb] + local // tk[cb]
+        pj = self.k.tile_start[cb] + local % tk[cb]
+        qmin = self.q.slot_pos.view(-1, tile).amin(1)
+        kmax = self.k.slot_pos.view(-1, tile).amax(1)
+        used = qmin.index_select(0, pi) <= kmax.index_select(0, pj)
+        self.pi, self.pj = pi[used], pj[used]
+        self.pos_q = self.q.slot_pos.view(-1, tile)
+        self.pos_k = self.k.slot_pos.view(-1, tile)
+        self.ok_q = self.ok_k = None
+        if key_ok is not None:
+            flat_ok = key_ok.reshape(-1)
+            self.ok_q = flat_ok[self.q.slot_tok].view(-1, tile)  # the query slot's token is a real key
+            self.ok_k = flat_ok[self.k.slot_tok].view(-1, tile)
 
-    def by_query(self, x):  # token order -> query order
-        return _gather(x, self.fq)
+    def tiles_q(self, x):
+        """Token tensor [g, n, d] -> [tiles_q, T, d] in the query layout (padding slots: token 0)."""
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.q.slot_tok).view(-1, self.tile, x.shape[-1])
 
-    def by_key(self, x):
-        return _gather(x, self.fk)
+    def tiles_k(self, x):
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.k.slot_tok).view(-1, self.tile, x.shape[-1])
 
-    def from_query(self, x):  # query order -> token order
-        return _gather(x, self.finv_q)
+    def chunks(self, budget_entries):
+        per = max(1, budget_entries // (self.tile * self.tile))
+        for c0 in range(0, self.pi.numel(), per):
+            yield self.pi[c0:c0 + per], self.pj[c0:c0 + per]
 
-    def from_key(self, x):
-        return _gather(x, self.finv_k)
-
-    def logits(self, g, qs, ks, kn, a0, a1, b0):
-        """(M_r, M_l, R, Lm) of rows [a0, a1), columns [b0, kn) of a block: M = (scale q) k^T with
-        -inf outside the right mask R (i_a <= j_b, j_b real) / the left mask Lm (i_a < j_b, i_a real)."""
-        rows, cols = slice(qs + a0, qs + a1), slice(ks + b0, ks + kn)
-        iq, ik = self.iq[g, rows, None], self.ik[g, None, cols]
-        right, left = iq <= ik, iq < ik
+    def logits(self, qt, kt, pi, pj):
+        """(M_r, M_l, R, Lm) [P, T, T] of pairs: M = (scale q) k^T with -inf outside the right mask
+        R (i_a <= j_b, j_b a real key) / the left mask Lm (i_a < j_b, i_a a real key)."""
+        pq, pk = self.pos_q.index_select(0, pi)[:, :, None], self.pos_k.index_select(0, pj)[:, None, :]
+        right, left = pq <= pk, pq < pk
         if self.ok_q is not None:
-            right &= self.ok_k[g, None, cols]
-            left &= self.ok_q[g, rows, None]
-        m = self.q[g, rows] @ self.k[g, cols].transpose(0, 1)  # [r, c]
+            right &= self.ok_k.index_select(0, pj)[:, None, :]
+            left &= self.ok_q.index_select(0, pi)[:, :, None]
+        m = torch.bmm(qt.index_select(0, pi), kt.index_select(0, pj).transpose(1, 2))
         ninf = m.new_full((), float("-inf"))
         return torch.where(right, m, ninf), torch.where(left, m, ninf), right, left
+
+
+def _slots(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """[tiles, T, ...] -> [tiles * T + 1, ...] with a zero null slot appended."""
+    flat = x.reshape(-1, *x.shape[2:])
+    return torch.cat([flat, flat.new_zeros(1, *x.shape[2:])])
+
+
+def _row_index(p: torch.Tensor, tile: int) -> torch.Tensor:
+    """pair tiles [P] -> the flat slots [P * T] of their rows."""
+    return (p[:, None] * tile + torch.arange(tile, device=p.device)).reshape(-1)
 
 
 class _LshBucketsCode(torch.autograd.Function):
     """``code`` semantics, one table, no dropout. q, k, v [g, n, d]; codes [g, n]; key_ok bool [g, n] or None."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cq, ck, key_ok, max_bytes):
+    def forward(ctx, q, k, v, cq, ck, key_ok, max_bytes, tile):
         g_count, n, d = q.shape
         scale = 1.0 / math.sqrt(d)
-        plan = _Sorted(q * scale, k, v, cq, ck, key_ok)
+        plan = _Plan(cq, ck, key_ok, tile)
+        qt, kt = plan.tiles_q(q * scale), plan.tiles_k(k)  # [tiles, T, d]
+        vq, vk = plan.tiles_q(v), plan.tiles_k(v)
+        sq, sk = plan.q.size, plan.k.size
         ninf = float("-inf")
-        # per token: right stats in query order (its query's bucket), left stats in key order
-        max_r, max_l = q.new_full((g_count, n), ninf), q.new_full((g_count, n), ninf)
-        cnt_r, cnt_l = q.new_zeros(g_count, n), q.new_zeros(g_count, n)
-        z_r, z_l = q.new_zeros(g_count, n), q.new_zeros(g_count, n)
-        acc_q, acc_k = torch.zeros_like(q), torch.zeros_like(q)  # unnormalised outputs, query / key order
+        max_r, max_l = q.new_full((sq,), ninf), q.new_full((sk,), ninf)  # per slot
+        cnt_r, cnt_l = q.new_zeros(sq), q.new_zeros(sk)
+        z_r, z_l = q.new_zeros(sq), q.new_zeros(sk)
+        acc_q, acc_k = q.new_zeros(plan.q.num_tiles, tile, d), q.new_zeros(plan.k.num_tiles, tile, d)
+        chunk = _CHUNK_BYTES // (4 * q.element_size())
+        cache, budget = [], max_bytes // 2
+        for pi, pj in plan.chunks(chunk):  # pass 1: maxima and counts per slot
+            m_r, m_l, right, left = plan.logits(qt, kt, pi, pj)
+            rq, rk = _row_index(pi, tile), _row_index(pj, tile)
+            max_r.scatter_reduce_(0, rq, m_r.amax(2).reshape(-1), "amax")
+            max_l.scatter_reduce_(0, rk, m_l.amax(1).reshape(-1), "amax")
+            cnt_r.index_add_(0, rq, right.sum(2).reshape(-1).to(q.dtype))
+            cnt_l.index_add_(0, rk, left.sum(1).reshape(-1).to(q.dtype))
+            size = m_r.numel() * (2 * m_r.element_size() + 2)
+            cache.append((m_r, m_l, right, left) if size <= budget else None)
+            budget -= size if size <= budget else 0
+        # per token: m = max(right max, left max, and 0 if some real key did not collide)
+        tq, tk = plan.q.tok_slot, plan.k.tok_slot  # [g * n], null slot = size
+        pad = q.new_full((1,), ninf)
+        n_real = q.new_full((g_count, n), float(n)) if key_ok is None else key_ok.sum(1, keepdim=True).to(q.dtype).expand(g_count, n)
+        other = n_real.reshape(-1) - torch.cat([cnt_r, pad.new_zeros(1)])[tq] - torch.cat([cnt_l, pad.new_zeros(1)])[tk]
+        has_zero = other > 0.5
+        mx = torch.maximum(torch.cat([max_r, pad])[tq], torch.cat([max_l, pad])[tk])
+        mx = torch.where(has_zero, mx.clamp(min=0.0), mx)  # [g * n]
+        e0 = torch.where(has_zero, torch.exp(-mx), 0.0)  # e^{-m}: the weight of a logit-0 key
+        mx_q, mx_k = mx[plan.q.slot_tok].view(-1, tile), mx[plan.k.slot_tok].view(-1, tile)
+        e0_q, e0_k = e0[plan.q.slot_tok].view(-1, tile), e0[plan.k.slot_tok].view(-1, tile)
+        for (pi, pj), got in zip(plan.chunks(chunk), cache):  # pass 2: sums and outputs
+            m_r, m_l, right, left = got if got is not None else plan.logits(qt, kt, pi, pj)
+            rq, rk = _row_index(pi, tile), _row_index(pj, tile)
+            e_r = m_r.sub_(mx_q.index_select(0, pi)[:, :, None]).exp_()  # [P, T, T], 0 outside R
+            e_l = m_l.sub_(mx_k.index_select(0, pj)[:, None, :]).exp_()
+            z_r.index_add_(0, rq, e_r.sum(2).reshape(-1))
+            z_l.index_add_(0, rk, e_l.sum(1).reshape(-1))
+            e_r = torch.where(right, e_r.sub_(e0_q.index_select(0, pi)[:, :, None]), 0.0)  # minus the logit-0 weight
+            e_l = torch.where(left, e_l.sub_(e0_k.index_select(0, pj)[:, None, :]), 0.0)
+            acc_q.index_add_(0, pi, torch.bmm(e_r, vk.index_select(0, pj)))
+            acc_k.index_add_(0, pj, torch.bmm(e_l.transpose(1, 2), vq.index_select(0, pi)))
+        del cache
+        z = torch.cat([z_r, pad.new_zeros(1)])[tq] + torch.cat([z_l, pad.new_zeros(1)])[tk] + other.clamp_(min=0) * e0
         vsum = (v if key_ok is None else v * key_ok[..., None]).sum(1)  # [g, d]
-        n_real = q.new_full((g_count,), float(n)) if key_ok is None else key_ok.sum(1).to(q.dtype)
-        mx_t, e0_t, other = q.new_empty(g_count, n), q.new_empty(g_count, n), q.new_empty(g_count, n)
-        for g in range(g_count):
-            cache, budget = {}, max_bytes // 2
-            for (qs, qn, ks, kn), chunks in zip(plan.blocks[g], plan.chunks[g]):  # pass 1: maxima, counts
-                for a0, a1, b0 in chunks:
-                    m_r, m_l, right, left = plan.logits(g, qs, ks, kn, a0, a1, b0)
-                    rows, cols = slice(qs + a0, qs + a1), slice(ks + b0, ks + kn)
-                    max_r[g, rows] = m_r.amax(1)
-                    cnt_r[g, rows] = right.sum(1)
-                    torch.maximum(max_l[g, cols], m_l.amax(0), out=max_l[g, cols])
-                    cnt_l[g, cols] += left.sum(0)
-                    size = m_r.numel() * (2 * m_r.element_size() + 2)
-                    if size <= budget:
-                        cache[(qs, a0)] = (m_r, m_l, right, left)
-                        budget -= size
-            # per token (token order): m = max(right max, left max, and 0 if some real key did not collide)
-            tq, tk = plan.inv_q[g], plan.inv_k[g]
-            other[g] = n_real[g] - cnt_r[g, tq] - cnt_l[g, tk]
-            has_zero = other[g] > 0.5
-            mx = torch.maximum(max_r[g, tq], max_l[g, tk])
-            mx_t[g] = torch.where(has_zero, mx.clamp(min=0.0), mx)
-            e0_t[g] = torch.where(has_zero, torch.exp(-mx_t[g]), 0.0)  # e^{-m}: weight of a logit-0 key
-            mx_q, mx_k = mx_t[g, plan.iq[g]], mx_t[g, plan.ik[g]]
-            e0_q, e0_k = e0_t[g, plan.iq[g]], e0_t[g, plan.ik[g]]
-            for (qs, qn, ks, kn), chunks in zip(plan.blocks[g], plan.chunks[g]):  # pass 2: sums, outputs
-                for a0, a1, b0 in chunks:
-                    got = cache.pop((qs, a0), None)
-                    m_r, m_l, right, left = got if got is not None else plan.logits(g, qs, ks, kn, a0, a1, b0)
-                    rows, cols = slice(qs + a0, qs + a1), slice(ks + b0, ks + kn)
-                    e_r = m_r.sub_(mx_q[rows, None]).exp_()  # [r, c], 0 outside R
-                    e_l = m_l.sub_(mx_k[None, cols]).exp_()
-                    z_r[g, rows] = e_r.sum(1)
-                    z_l[g, cols] += e_l.sum(0)
-                    e_r = torch.where(right, e_r.sub_(e0_q[rows, None]), 0.0)  # minus the logit-0 weight
-                    e_l = torch.where(left, e_l.sub_(e0_k[None, cols]), 0.0)
-                    acc_q[g, rows] = e_r @ plan.vk[g, cols]
-                    acc_k[g, cols] += e_l.transpose(0, 1) @ plan.vq[g, rows]
-        z_t = plan.from_query(z_r[..., None])[..., 0] + plan.from_key(z_l[..., None])[..., 0] + other.clamp_(min=0) * e0_t
-        out = (plan.from_query(acc_q) + plan.from_key(acc_k)).addcmul_(e0_t[..., None], vsum[:, None]).div_(z_t[..., None])
-        lse = mx_t + torch.log(z_t)
-        w = e0_t / z_t
-        ctx.save_for_backward(q, k, v, cq, ck, key_ok, out, lse, w)
+        acc = _slots(acc_q, tile)[tq] + _slots(acc_k, tile)[tk]  # [g * n, d]
+        out = acc.view(g_count, n, d).addcmul_(e0.view(g_count, n, 1), vsum[:, None]).div_(z.view(g_count, n, 1))
+        lse = mx + torch.log(z)
+        w = e0 / z
+        ctx.save_for_backward(q, k, v, cq, ck, key_ok, out, lse.view(g_count, n), w.view(g_count, n))
+        ctx.tile = tile
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, cq, ck, key_ok, out, lse, w = ctx.saved_tensors
+        tile = ctx.tile
         g_count, n, d = q.shape
         scale = 1.0 / math.sqrt(d)
         dout = dout.to(q.dtype).contiguous()
-        plan = _Sorted(q * scale, k, v, cq, ck, key_ok)
+        plan = _Plan(cq, ck, key_ok, tile)
+        qt, kt = plan.tiles_q(q * scale), plan.tiles_k(k)
+        vq, vk = plan.tiles_q(v), plan.tiles_k(v)
+        doq, dok = plan.tiles_q(dout), plan.tiles_k(dout)
         delta = (dout * out).sum(-1)  # [g, n] rowsum(dO * O) = rowsum(P * dP)
-        do_q, do_k = plan.by_query(dout), plan.by_key(dout)
         stats = torch.stack([lse, w, delta], -1)  # [g, n, 3]
-        lse_q, w_q, dl_q = plan.by_query(stats).unbind(-1)
-        lse_k, w_k, dl_k = plan.by_key(stats).unbind(-1)
-        dq_s, dk_s = torch.zeros_like(q), torch.zeros_like(k)  # query order / key order
-        dvk_s, dvq_s = torch.zeros_like(v), torch.zeros_like(v)
-        for g in range(g_count):
-            for (qs, qn, ks, kn), chunks in zip(plan.blocks[g], plan.chunks[g]):
-                for a0, a1, b0 in chunks:
-                    rows, cols = slice(qs + a0, qs + a1), slice(ks + b0, ks + kn)
-                    kb, vkb, dokb = plan.k[g, cols], plan.vk[g, cols], do_k[g, cols]
-                    m_r, m_l, right, left = plan.logits(g, qs, ks, kn, a0, a1, b0)
-                    p_r = m_r.sub_(lse_q[g, rows, None]).exp_()  # [r, c] probabilities of the right entries
-                    p_l = m_l.sub_(lse_k[g, None, cols]).exp_()
-                    dp_r = do_q[g, rows] @ vkb.transpose(0, 1)  # dO_i . v_j (row i_a, column j_b)
-                    dp_l = plan.vq[g, rows] @ dokb.transpose(0, 1)  # dO_j . v_i (row j_b, column i_a)
-                    ds = dp_r.sub_(dl_q[g, rows, None]).mul_(p_r)
-                    ds += dp_l.sub_(dl_k[g, None, cols]).mul_(p_l)  # dS of the logits S = scale * q_i . k_j
-                    dq_s[g, rows] += ds @ kb  # (times scale below)
-                    dk_s[g, cols] += ds.transpose(0, 1) @ plan.q[g, rows]  # plan.q holds scale * q
-                    p_r = torch.where(right, p_r.sub_(w_q[g, rows, None]), 0.0)  # minus the logit-0 weight
-                    p_l = torch.where(left, p_l.sub_(w_k[g, None, cols]), 0.0)
-                    dvk_s[g, cols] += p_r.transpose(0, 1) @ do_q[g, rows]
-                    dvq_s[g, rows] += p_l @ dokb
+        lse_q, w_q, dl_q = plan.tiles_q(stats).unbind(-1)  # [tiles, T] each
+        lse_k, w_k, dl_k = plan.tiles_k(stats).unbind(-1)
+        dqt, dkt = torch.zeros_like(qt), torch.zeros_like(kt)
+        dvk, dvq = torch.zeros_like(vk), torch.zeros_like(vq)
+        for pi, pj in plan.chunks(_CHUNK_BYTES // (4 * q.element_size())):
+            m_r, m_l, right, left = plan.logits(qt, kt, pi, pj)
+            p_r = m_r.sub_(lse_q.index_select(0, pi)[:, :, None]).exp_()  # [P, T, T] probabilities of the right entries
+            p_l = m_l.sub_(lse_k.index_select(0, pj)[:, None, :]).exp_()
+            dp_r = torch.bmm(doq.index_select(0, pi), vk.index_select(0, pj).transpose(1, 2))  # dO_i . v_j (row i_a, column j_b)
+            dp_l = torch.bmm(vq.index_select(0, pi), dok.index_select(0, pj).transpose(1, 2))  # dO_j . v_i (row j_b, column i_a)
+            ds = dp_r.sub_(dl_q.index_select(0, pi)[:, :, None]).mul_(p_r)
+            ds += dp_l.sub_(dl_k.index_select(0, pj)[:, None, :]).mul_(p_l)  # dS of the logits S = scale * q_i . k_j
+            dqt.index_add_(0, pi, torch.bmm(ds, kt.index_select(0, pj)))  # (times scale below)
+            dkt.index_add_(0, pj, torch.bmm(ds.transpose(1, 2), qt.index_select(0, pi)))  # qt holds scale * q
+            p_r = torch.where(right, p_r.sub_(w_q.index_select(0, pi)[:, :, None]), 0.0)  # minus the logit-0 weight
+            p_l = torch.where(left, p_l.sub_(w_k.index_select(0, pj)[:, None, :]), 0.0)
+            dvk.index_add_(0, pj, torch.bmm(p_r.transpose(1, 2), doq.index_select(0, pi)))
+            dvq.index_add_(0, pi, torch.bmm(p_l, dok.index_select(0, pj)))
+        tq, tk = plan.q.tok_slot, plan.k.tok_slot
         dense = (w[..., None] * dout).sum(1, keepdim=True)  # [g, 1, d]: every real key's logit-0 share
         if key_ok is not None:
             dense = dense * key_ok[..., None]
-        dv = (plan.from_key(dvk_s) + plan.from_query(dvq_s)).add_(dense)
-        return plan.from_query(dq_s).mul_(scale), plan.from_key(dk_s), dv, None, None, None, None
+        dv = (_slots(dvk, tile)[tk] + _slots(dvq, tile)[tq]).view(g_count, n, d).add_(dense)
+        dq = _slots(dqt, tile)[tq].view(g_count, n, d).mul_(scale)
+        dk = _slots(dkt, tile)[tk].view(g_count, n, d)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _paper(q, k, v, cq, ck, key_ok):
@@ -298,4 +350,4 @@ def bert_lsh_buckets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, codes_q:
         return _paper(q, k, v, cq, ck, key_ok)
     if codes_q.shape[1] != 1:
         raise ValueError("the bucket form of the code semantics needs one hash table")
-    return _LshBucketsCode.apply(q, k, v, cq, ck, key_ok, int(max_bytes))
+    return _LshBucketsCode.apply(q, k, v, cq, ck, key_ok, int(max_bytes), TILE)

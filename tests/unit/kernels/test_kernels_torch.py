@@ -134,3 +134,54 @@ def test_yoso_torch_impl_equals_reference_impl(backward):
         outs.append((out.detach(), *(t.grad for t in leaves)))
     for got, want in zip(outs[1], outs[0]):
         assert rel_err(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("semantics", ["code", "paper"])
+@pytest.mark.parametrize("tables,bands,size", [(1, 2, 4), (1, 3, 8), (2, 2, 3)])
+@pytest.mark.parametrize("lengths", [None, (37, 20), (37, 0)])
+def test_bert_lsh_bucket_form_equals_row_blocked_form(monkeypatch, semantics, tables, bands, size, lengths):
+    """The bucket form (one table or paper semantics) against the row-blocked form, forward and all
+    gradients, with tiles of 4 slots so buckets span many tiles and pairs (n = 37: no tile multiple),
+    padding, a fully padded sequence and the code semantics' logit-0 keys."""
+    from model.kernels import lsh_buckets
+
+    monkeypatch.setattr(lsh_buckets, "TILE", 4)
+    monkeypatch.setattr(lsh_buckets, "_CHUNK_BYTES", 4 * 8 * 16 * 5)  # 5 tile pairs per chunk
+    b, h, n, d = 2, 3, 37, 8
+    q, k, v = (randn(b, h, n, d, seed=20 + i) for i in range(3))
+    g = torch.Generator().manual_seed(5)
+    planes = torch.randn(h, tables, bands, d, generator=g, dtype=F64)
+    coeffs = torch.randint(0, size, (h, tables, bands), generator=g)
+    mask = None if lengths is None else padding_mask(b, n, lengths)
+    cq, ck = lsh_codes(q, planes, coeffs, size), lsh_codes(k, planes, coeffs, size)
+    dy = randn(b, h, n, d, seed=9)
+    results = []
+    for buckets in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        budget = 4096 if buckets and lengths else 256 << 20  # bucket form: the 1st pass's blocks recomputed / kept
+        out = lsh_torch.bert_lsh_blocked(*leaves, cq, ck, mask, semantics, buckets=buckets, max_bytes=budget)
+        results.append((out, *torch.autograd.grad(out, leaves, dy)))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    uses_buckets = lsh_buckets.supported(semantics, tables, 0.0)
+    assert uses_buckets == (semantics == "paper" or tables == 1)
+
+
+def test_bert_lsh_bucket_form_skips_unused_tile_pairs_and_keeps_fp32_close():
+    """fp32 at a realistic size: the plan keeps only pairs with a used entry (about half of each
+    bucket's tile grid), and the result matches the fp64 row-blocked form to fp32 rounding."""
+    from model.kernels import lsh_buckets
+
+    b, h, n, d = 1, 2, 300, 16
+    q, k, v = (randn(b, h, n, d, seed=40 + i) for i in range(3))
+    g = torch.Generator().manual_seed(1)
+    planes = torch.randn(h, 1, 2, d, generator=g, dtype=F64)
+    coeffs = torch.tensor([[[1, 2]], [[3, 5]]])
+    cq, ck = lsh_codes(q, planes, coeffs, 256), lsh_codes(k, planes, coeffs, 256)
+    plan = lsh_buckets._Plan(cq.reshape(b * h, n), ck.reshape(b * h, n), None, 16)
+    grid = int((plan.q.tiles * plan.k.tiles).sum())
+    assert 0.4 * grid < plan.pi.numel() < 0.75 * grid
+    want = lsh_torch.bert_lsh_blocked(q, k, v, cq, ck, None, "code", buckets=False)
+    got = lsh_torch.bert_lsh_blocked(q.float(), k.float(), v.float(), cq, ck, None, "code")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
