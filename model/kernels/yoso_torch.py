@@ -25,6 +25,8 @@ costs m n d^2 per direction; it only beats the sorted tiles when buckets hold mo
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -193,8 +195,188 @@ def surrogate_grads_sorted(qn: torch.Tensor, kn: torch.Tensor, v: torch.Tensor, 
     return (dq[:-1] * scale).view(b, h, n, d), (dk[:-1] * scale).view(b, h, n, d)
 
 
+# --------------------------------------------------------------------------------------------
+# Bucket form of the surrogate dQ^/dK^ (the default backward on CPU)
+# --------------------------------------------------------------------------------------------
+
+_S_BYTES = 16 << 20  # cap on one batch of [A, B] bucket products (when one bucket is not bigger)
+BUCKET_VS_DENSE = 0.3
+"""The bucket form is used while its padded colliding pairs are fewer than this fraction of the dense
+form's n^2 pairs per head (its tiny batched matmuls run ~3x slower per pair than the dense blocks)."""
+
+
+def _class_sizes(n: int) -> list[int]:
+    """Padded bucket sizes 1, 2, .., 6, 8, 10, 13, 17, ... (at most ~1/3 padding), up to >= n."""
+    sizes, s = [], 1
+    while True:
+        sizes.append(s)
+        if s >= n:
+            return sizes
+        s += max(1, s // 3)
+
+
+class _Workspace:
+    """Reused flat buffers (fresh large CPU allocations cost page faults on every touch)."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.like, self.bufs = like, {}
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.like.new_empty(max(numel, int(1.25 * buf.numel()) if buf is not None else numel))
+            self.bufs[name] = buf
+        return buf[:numel].view(*shape)
+
+
+def _masked_codes(codes: torch.Tensor, mask: torch.Tensor, tau: int) -> torch.Tensor:
+    """[b*h, n, m] codes with padding tokens in the extra bucket 2^tau (never paired)."""
+    b, h, n, m = codes.shape
+    return _sentinel_codes(codes, mask, 1 << tau).reshape(b * h, n, m)
+
+
+def bucket_pairs(codes_q: torch.Tensor, codes_k: torch.Tensor, mask: torch.Tensor, tau: int) -> int:
+    """Colliding (query, key) pairs summed over the hashes: sum over (head, hash, bucket) of |I| |J|
+    (real tokens only), the work of the bucket form."""
+    b, h, n, m = codes_q.shape
+    nb = (1 << tau) + 1
+    base = (torch.arange(b * h * m, device=codes_q.device) * nb).view(b * h, 1, m)
+    cq = torch.bincount((_masked_codes(codes_q, mask, tau) + base).view(-1), minlength=b * h * m * nb)
+    ck = torch.bincount((_masked_codes(codes_k, mask, tau) + base).view(-1), minlength=b * h * m * nb)
+    cq.view(-1, nb)[:, -1] = 0
+    return int((cq * ck).sum())
+
+
+def use_bucket(codes_q: torch.Tensor, codes_k: torch.Tensor, mask: torch.Tensor, tau: int) -> bool:
+    """True when the bucket form is expected to be cheaper than the dense query-blocked backward."""
+    b, h, n, _ = codes_q.shape
+    return bucket_pairs(codes_q, codes_k, mask, tau) < BUCKET_VS_DENSE * b * h * n * n
+
+
+def _bucket_groups(n: int, d: int, itemsize: int, bh: int, m: int, max_bytes: int) -> tuple[int, int]:
+    """(hashes, heads) of one chunk: ~1.4 padded slots per token and side, 6 [slots, d] buffers and
+    ~12 int64 planning arrays per (head, hash) group, under max_bytes / 2."""
+    per_group = n * (int(1.4 * 6 * d * itemsize) + 12 * 8)
+    groups = int(max(1, min(bh * m, max_bytes // 2 // max(1, per_group))))
+    hashes = min(m, groups)
+    return hashes, max(1, min(bh, groups // hashes))
+
+
+def surrogate_grads_bucket(qn: torch.Tensor, kn: torch.Tensor, v: torch.Tensor, dy: torch.Tensor,
+                           codes_q: torch.Tensor, codes_k: torch.Tensor, mask: torch.Tensor, tau: int,
+                           max_bytes: int, chunk: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Surrogate dQ^, dK^ in bucket form: per (head, hash, bucket c) the colliding pairs are the complete
+    block I_c x J_c, so with S_c = dY_{I_c} V_{J_c}^T: dQ^_{I_c} += S_c K^_{J_c}, dK^_{J_c} += S_c^T Q^_{I_c}.
+
+    For a chunk of (hash, head) groups: one sort of the (group, code) keys per side, buckets grouped into
+    classes of padded sizes (A, B) (``_class_sizes``), the rows gathered once into class-major slots
+    (padding slots read a zero row), three batched matmuls per class, and each token's results summed
+    over the chunk's hashes with one ``embedding_bag``. Padding tokens (mask 0) are in no bucket.
+
+    Args:
+        qn, kn, v, dy: [b, h, n, d]; codes_q, codes_k: int [b, h, n, m]; mask: float [b, n].
+        chunk: (hashes, heads) per chunk (default: from ``max_bytes``).
+    """
+    b, h, n, d = v.shape
+    m = codes_q.shape[-1]
+    bh, dev, dt = b * h, v.device, v.dtype
+    nb = (1 << tau) + 1
+    cq, ck = _masked_codes(codes_q, mask, tau), _masked_codes(codes_k, mask, tau)
+    mk = mask[:, None, :, None].to(dt)
+    pad_row = bh * n
+
+    def flat(x: torch.Tensor) -> torch.Tensor:  # [bh * n + 1, d], last row zero (padding slots)
+        return torch.cat([x.reshape(bh * n, d), x.new_zeros(1, d)])
+
+    fq, fdy, fk, fv = flat(qn), flat(dy * mk), flat(kn), flat(v * mk)
+    sizes_l = _class_sizes(n)
+    sizes = torch.tensor(sizes_l, device=dev)
+    ns = len(sizes_l)
+    dq = torch.zeros(bh * n, d, device=dev, dtype=dt)
+    dk = torch.zeros(bh * n, d, device=dev, dtype=dt)
+    hc, hh = chunk or _bucket_groups(n, d, v.element_size(), bh, m, max_bytes)
+    ws = _Workspace(v)
+    cap = int(1.4 * hc * hh * n)
+    for name in ("xq", "xdy", "xk", "xv", "oq", "ok"):
+        ws.get(name, cap, d)
+    s_cap = max(1, _S_BYTES // v.element_size())
+    for s in range(0, m, hc):
+        for h0 in range(0, bh, hh):
+            c, hb = min(hc, m - s), min(hh, bh - h0)
+            g, ent = hb * c, hb * c * n
+            gid = (torch.arange(g, device=dev, dtype=torch.int32) * nb).view(hb, c, 1)
+            keyq = (cq[h0:h0 + hb, :, s:s + c].permute(0, 2, 1).to(torch.int32) + gid).reshape(-1)
+            keyk = (ck[h0:h0 + hb, :, s:s + c].permute(0, 2, 1).to(torch.int32) + gid).reshape(-1)
+            cntq = torch.bincount(keyq, minlength=g * nb)
+            cntk = torch.bincount(keyk, minlength=g * nb)
+            live = (cntq > 0) & (cntk > 0)
+            live.view(g, nb)[:, nb - 1] = False
+            bk = live.nonzero().squeeze(1)
+            if bk.numel() == 0:
+                continue
+            sq, pq = keyq.sort()
+            sk, pk = keyk.sort()
+            offq, offk = cntq.cumsum(0) - cntq, cntk.cumsum(0) - cntk
+            ia, ib = torch.bucketize(cntq[bk], sizes), torch.bucketize(cntk[bk], sizes)
+            cls, order = (ia * ns + ib).sort(stable=True)
+            bk = bk[order]
+            sa, sb = sizes[ia[order]], sizes[ib[order]]
+            enda, endb = sa.cumsum(0), sb.cumsum(0)
+            totq, totk = int(enda[-1]), int(endb[-1])
+            ucls, ccnt = torch.unique_consecutive(cls, return_counts=True)
+            # slot of each sorted entry (its bucket's first slot + its rank in the bucket), or the zero row
+            baseq = torch.full((g * nb,), -1, device=dev, dtype=torch.int64)
+            baseq[bk] = enda - sa
+            basek = torch.full((g * nb,), -1, device=dev, dtype=torch.int64)
+            basek[bk] = endb - sb
+            sq, sk = sq.long(), sk.long()
+            pos = torch.arange(ent, device=dev)
+            bq, bkk = baseq[sq], basek[sk]
+            slq_sorted = torch.where(bq >= 0, bq + pos - offq[sq], totq)
+            slk_sorted = torch.where(bkk >= 0, bkk + pos - offk[sk], totk)
+
+            def row_of(e: torch.Tensor) -> torch.Tensor:  # entry (head, hash, token) of the chunk -> flat row
+                return torch.div(e, c * n, rounding_mode="floor") * n + (e % n + h0 * n)
+
+            srow_q = torch.full((totq + 1,), pad_row, device=dev, dtype=torch.int64)
+            srow_q[slq_sorted] = row_of(pq)
+            srow_k = torch.full((totk + 1,), pad_row, device=dev, dtype=torch.int64)
+            srow_k[slk_sorted] = row_of(pk)
+            iq, ik = srow_q[:totq], srow_k[:totk]
+            xq = torch.index_select(fq, 0, iq, out=ws.get("xq", totq, d))
+            xdy = torch.index_select(fdy, 0, iq, out=ws.get("xdy", totq, d))
+            xk = torch.index_select(fk, 0, ik, out=ws.get("xk", totk, d))
+            xv = torch.index_select(fv, 0, ik, out=ws.get("xv", totk, d))
+            oq, ok = ws.get("oq", totq + 1, d), ws.get("ok", totk + 1, d)
+            oq[totq] = 0
+            ok[totk] = 0
+            o1 = o2 = 0
+            for cl, cnt in zip(ucls.tolist(), ccnt.tolist()):
+                a_, b_ = sizes_l[cl // ns], sizes_l[cl % ns]
+                step = max(1, s_cap // (a_ * b_))
+                for l0 in range(0, cnt, step):
+                    nl = min(step, cnt - l0)
+                    r1, r2 = slice(o1, o1 + nl * a_), slice(o2, o2 + nl * b_)
+                    sc = torch.bmm(xdy[r1].view(nl, a_, d), xv[r2].view(nl, b_, d).transpose(1, 2),
+                                   out=ws.get("s", nl, a_, b_))  # (dY_i . v_j) of the block
+                    torch.bmm(sc, xk[r2].view(nl, b_, d), out=oq[r1].view(nl, a_, d))
+                    torch.bmm(sc.transpose(1, 2), xq[r1].view(nl, a_, d), out=ok[r2].view(nl, b_, d))
+                    o1 += nl * a_
+                    o2 += nl * b_
+            slq = torch.empty(ent, device=dev, dtype=torch.int64)
+            slq[pq] = slq_sorted
+            slk = torch.empty(ent, device=dev, dtype=torch.int64)
+            slk[pk] = slk_sorted
+            rows = slice(h0 * n, (h0 + hb) * n)
+            dq[rows] += F.embedding_bag(slq.view(hb, c, n).transpose(1, 2).reshape(hb * n, c), oq, mode="sum")
+            dk[rows] += F.embedding_bag(slk.view(hb, c, n).transpose(1, 2).reshape(hb * n, c), ok, mode="sum")
+    scale = tau / (2 * m)
+    return (dq * scale).view(b, h, n, d), (dk * scale).view(b, h, n, d)
+
+
 class YosoSampled(torch.autograd.Function):
-    """Y^ = cumulation(codes) with the linear dV and the sorted (or dense) dQ^/dK^ backward."""
+    """Y^ = cumulation(codes) with the linear dV and the bucket-form (or dense) dQ^/dK^ backward."""
 
     @staticmethod
     def forward(ctx, qn, kn, v, mask, codes_q, codes_k, tau, exact, max_bytes):
@@ -210,12 +392,11 @@ class YosoSampled(torch.autograd.Function):
         qn, kn, v, mask, codes_q, codes_k = ctx.saved_tensors
         tau, exact, max_bytes = ctx.cfg
         dy = dy.to(v.dtype)
-        items, plans = (0, None) if exact else plan_sorted(codes_q, codes_k, mask, tau, max_bytes)
-        if exact or not _sorted_is_cheaper(items, codes_q.shape):
+        if exact or not use_bucket(codes_q, codes_k, mask, tau):
             dq, dk, dv = dense_grads(qn, kn, v, mask, codes_q, codes_k, dy, tau, False, exact, max_bytes)
             return dq, dk, dv, None, None, None, None, None, None
         dv = cumulation(codes_k, codes_q, (dy * mask[:, None, :, None]).to(v.dtype), mask, tau, max_bytes)
-        dq, dk = surrogate_grads_sorted(qn, kn, v, dy, codes_q, codes_k, mask, tau, max_bytes, plans=plans)
+        dq, dk = surrogate_grads_bucket(qn, kn, v, dy, codes_q, codes_k, mask, tau, max_bytes)
         return dq, dk, dv, None, None, None, None, None, None
 
 

@@ -185,3 +185,59 @@ def test_bert_lsh_bucket_form_skips_unused_tile_pairs_and_keeps_fp32_close():
     got = lsh_torch.bert_lsh_blocked(q.float(), k.float(), v.float(), cq, ck, None, "code")
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def _yoso_bucket_case(n=37, m=4, tau=3, b=2, h=2, d=5, real=(37, 19), seed=5):
+    g = torch.Generator().manual_seed(seed)
+    qn, kn = (torch.nn.functional.normalize(randn(b, h, n, d, seed=seed + s), dim=-1) for s in (1, 2))
+    v, dy = randn(b, h, n, d, seed=seed + 3), randn(b, h, n, d, seed=seed + 4)
+    cq = torch.randint(0, 1 << tau, (b, h, n, m), generator=g)
+    ck = torch.randint(0, 1 << tau, (b, h, n, m), generator=g)
+    cq[0, 1, :9] = 2  # a large bucket: padded class sizes above the small ones
+    ck[0, 1, 3:20] = 2
+    return qn, kn, v, dy, cq, ck, padding_mask(b, n, real)
+
+
+@pytest.mark.parametrize(("chunk", "s_bytes"), [(None, None), ((1, 1), None), ((3, 2), None), ((2, 3), 200)])
+def test_yoso_bucket_surrogate_backward_matches_pairwise_formula(chunk, s_bytes, monkeypatch):
+    """fp64, padding rows (and a fully padded tail), n prime, hash/head chunks, class batches split."""
+    if s_bytes is not None:
+        monkeypatch.setattr(yoso_torch, "_S_BYTES", s_bytes)
+    qn, kn, v, dy, cq, ck, mask = _yoso_bucket_case()
+    want_q, want_k, _ = ref.yoso_grad_reference(qn, kn, v, dy, mask, 3, cq, ck)
+    dq, dk = yoso_torch.surrogate_grads_bucket(qn, kn, v, dy, cq, ck, mask.to(F64), 3, 1 << 30, chunk)
+    torch.testing.assert_close(dq, want_q, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dk, want_k, rtol=1e-10, atol=1e-12)
+    assert (dq[1, :, 19:] == 0).all() and (dk[1, :, 19:] == 0).all()
+
+
+def test_yoso_bucket_budget_chunks_and_no_collisions():
+    qn, kn, v, dy, cq, ck, mask = _yoso_bucket_case(n=23, real=(23, 0))
+    want_q, want_k, _ = ref.yoso_grad_reference(qn, kn, v, dy, mask, 3, cq, ck)
+    assert yoso_torch._bucket_groups(23, 5, 8, 4, 4, 30000) == (1, 1)  # one (hash, head) at a time
+    dq, dk = yoso_torch.surrogate_grads_bucket(qn, kn, v, dy, cq, ck, mask.to(F64), 3, 30000)
+    torch.testing.assert_close(dq, want_q, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dk, want_k, rtol=1e-10, atol=1e-12)
+    # queries and keys in disjoint buckets: nothing collides, zero gradients
+    dq, dk = yoso_torch.surrogate_grads_bucket(qn, kn, v, dy, cq % 4, ck % 4 + 4, mask.to(F64), 3, 1 << 30)
+    assert (dq == 0).all() and (dk == 0).all()
+
+
+def test_yoso_sampled_backward_uses_bucket_form_for_spread_codes():
+    """Through the autograd function: the bucket path (spread codes) equals the pairwise formula."""
+    b, h, n, d, m, tau = 1, 3, 64, 6, 3, 6
+    g = torch.Generator().manual_seed(8)
+    qn, kn = (torch.nn.functional.normalize(randn(b, h, n, d, seed=s), dim=-1) for s in (1, 2))
+    v, dy = randn(b, h, n, d, seed=3), randn(b, h, n, d, seed=4)
+    cq = torch.randint(0, 1 << tau, (b, h, n, m), generator=g)
+    ck = torch.randint(0, 1 << tau, (b, h, n, m), generator=g)
+    mask = padding_mask(b, n, (50,))
+    assert yoso_torch.use_bucket(cq, ck, mask.to(F64), tau)
+    peaked = torch.zeros_like(cq)
+    assert not yoso_torch.use_bucket(peaked, peaked, mask.to(F64), tau)  # m times the dense work
+    assert yoso_torch.bucket_pairs(peaked, peaked, mask.to(F64), tau) == h * m * 50 * 50
+    want = ref.yoso_grad_reference(qn, kn, v, dy, mask, tau, cq, ck)
+    leaves = [t.clone().requires_grad_(True) for t in (qn, kn, v)]
+    yoso_torch.yoso_sampled(*leaves, mask.to(F64), cq, ck, tau, False, 1 << 30).backward(dy)
+    for got, w in zip(leaves, want):
+        torch.testing.assert_close(got.grad, w, rtol=1e-10, atol=1e-12)
