@@ -303,9 +303,12 @@ def yoso_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             params = hash_params if hash_params is not None else sample_hash_params(cfg, h, d, generator, q.device)
             params = params.to(ct)
             if impl != "triton":
+                hasher = hash_codes
+                if impl == "torch":
+                    from model.kernels.yoso_torch import hash_codes as hasher
                 with torch.no_grad():
-                    codes_q = hash_codes(qn, params, cfg.num_hashes, cfg.hash_bits)
-                    codes_k = hash_codes(kn, params, cfg.num_hashes, cfg.hash_bits)
+                    codes_q = hasher(qn, params, cfg.num_hashes, cfg.hash_bits)
+                    codes_k = hasher(kn, params, cfg.num_hashes, cfg.hash_bits)
         if impl == "triton":
             y = load("yoso_triton").yoso_triton(qn, kn, v, mask, params, cfg.num_hashes, cfg.hash_bits,
                                                 cfg.expectation, exact, max_bytes)

@@ -64,6 +64,20 @@ def cumulation(codes_q: torch.Tensor, codes_k: torch.Tensor, v: torch.Tensor, ma
     return out.view(b, h, n, d) * (mask[:, None, :, None] / m)
 
 
+def hash_codes(x: torch.Tensor, params: torch.Tensor, num_hashes: int, tau: int) -> torch.Tensor:
+    """``yoso.hash_codes`` (same projections, same bits, same int64 codes) with the bits summed by one
+    small matmul instead of an int64 multiply-and-sum (~4x faster on CPU for Gaussian hyperplanes)."""
+    from model.attention import yoso
+
+    if params.dim() != 3:  # Hadamard hash: the reference code
+        return yoso.hash_codes(x, params, num_hashes, tau)
+    b, h, n, _ = x.shape
+    bits = (torch.einsum("bhnd,hdk->bhnk", x, params) > 0).view(b, h, n, num_hashes, tau)
+    ft = torch.float32 if tau <= 24 else torch.float64  # sums of distinct powers of two: exact
+    weights = torch.tensor([float(1 << t) for t in range(tau)], device=x.device, dtype=ft)
+    return (bits.to(ft) @ weights).to(torch.int64)
+
+
 def _sentinel_codes(codes: torch.Tensor, mask: torch.Tensor, value: int) -> torch.Tensor:
     """[b, h, n, m] codes with masked tokens moved to bucket ``value`` (outside [0, 2^tau))."""
     real = mask[:, None, :, None] > 0

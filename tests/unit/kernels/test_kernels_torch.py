@@ -8,7 +8,7 @@ from kernel_helpers import F64, padding_mask, randn, rel_err
 
 from model.attention import reference as ref
 from model.attention.bert_lsh import BertLshConfig, bert_lsh_attention, lsh_codes
-from model.attention.yoso import YosoConfig, yoso_attention
+from model.attention.yoso import YosoConfig, sample_hash_params, yoso_attention
 from model.kernels import lsh_torch, yoso_torch
 
 
@@ -241,3 +241,15 @@ def test_yoso_sampled_backward_uses_bucket_form_for_spread_codes():
     yoso_torch.yoso_sampled(*leaves, mask.to(F64), cq, ck, tau, False, 1 << 30).backward(dy)
     for got, w in zip(leaves, want):
         torch.testing.assert_close(got.grad, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("tau", [1, 9, 26])
+def test_yoso_fast_hash_codes_equal_the_reference_codes(tau):
+    from model.attention.yoso import hash_codes
+
+    x = torch.nn.functional.normalize(randn(2, 3, 17, 8, seed=1), dim=-1)
+    for kind in ("gaussian", "hadamard"):
+        cfg = YosoConfig(num_hashes=3, hash_bits=tau, hash=kind)
+        params = sample_hash_params(cfg, 3, 8, torch.Generator().manual_seed(2), x.device).to(F64)
+        got = yoso_torch.hash_codes(x, params, 3, tau)
+        assert got.dtype == torch.int64 and torch.equal(got, hash_codes(x, params, 3, tau))
