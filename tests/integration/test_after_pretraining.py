@@ -252,7 +252,10 @@ def test_finetune_beats_random_init_and_reaches_80pct(finetuned, variant):
     """The issue's bar: >= 80% validation accuracy (chance: 50%) and better than random init at the
     same budget. The cached 20-step tiny checkpoints are far too weak for it (their MLM is still at
     the unigram plateau: ~8% accuracy), so with them the test records the numbers and xfails; with
-    checkpoints that learned context it must pass."""
+    checkpoints that learned context it must pass. Measured: a 4x-wider run of this data (hidden 128,
+    1200 steps of 64 x 64 tokens, 3 min on 2 cores) reaches only 13.8% MLM accuracy, and fine-tuned
+    from it 0.52-0.53 (random init 0.50) at lr 1e-3 / 2e-4 / 1e-4 / 5e-4 for 2-6 epochs: a checkpoint
+    that passes costs more than the suite's budget."""
     pre, rnd = finetuned[f"{variant}_pretrained"], finetuned[f"{variant}_random"]
     assert pre["steps"] == rnd["steps"] and pre["attention"] == rnd["attention"] == [variant] * 2
     acc, acc_random = pre["validation"]["accuracy"], rnd["validation"]["accuracy"]
