@@ -301,7 +301,8 @@ def _payload(machine, sizes, dtypes, variants, repeats, max_case_s, mem_fraction
                          "memory_budget_fraction_of_available": mem_fraction,
                          "timing": "median of interleaved rounds after one warm-up call (rotated order)",
                          "memory": "RSS growth (VmHWM reset via /proc/self/clear_refs) during the warm-up "
-                                   "call, MALLOC_MMAP_THRESHOLD_=65536"},
+                                   "call, heap trimmed and glibc's mmap threshold at 64 KiB for that call only "
+                                   "(timed calls: glibc's steady-state 32 MiB threshold)"},
             "rows": rows}
 
 
