@@ -171,6 +171,10 @@ class TrainConfig:
     """Linear warm-up steps from 0 to lr."""
     lr_decay: Literal["linear", "cosine", "constant"] = "linear"
     """Shape of the decay from lr to min_lr after warm-up."""
+    lr_decay_steps: int = 0
+    """Step at which the decay reaches min_lr (Megatron's --lr-decay-iters); 0 = train.steps. Set it
+    to the original train.steps when a run is extended by raising train.steps on resume, so the
+    steps already taken keep their learning rates."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and norms)."""
     adam_beta1: float = 0.9
@@ -374,8 +378,9 @@ class ExperimentConfig:
             raise ConfigError("train.offload_optimizer=true needs ZeRO: set train.zero_stage to 1, 2 or 3")
         if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
             raise ConfigError(f"train.lr={t.lr} / train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
-        if t.warmup_steps < 0 or t.save_every < 0 or t.eval_batches < 0:
-            raise ConfigError("train.warmup_steps, train.save_every and train.eval_batches must be >= 0")
+        if t.warmup_steps < 0 or t.save_every < 0 or t.eval_batches < 0 or t.lr_decay_steps < 0:
+            raise ConfigError("train.warmup_steps, train.lr_decay_steps, train.save_every and train.eval_batches "
+                              "must be >= 0")
         if t.exit_after_minutes < 0:
             raise ConfigError(f"train.exit_after_minutes={t.exit_after_minutes} must be >= 0 (0 = no budget)")
         if t.max_nan_skips < 1:

@@ -35,7 +35,7 @@ def lr_lambda(cfg: ExperimentConfig):
             return (s + 1) / t.warmup_steps
         if t.lr_decay == "constant":
             return 1.0
-        span = max(t.steps - t.warmup_steps, 1)
+        span = max((t.lr_decay_steps or t.steps) - t.warmup_steps, 1)
         frac = min(max(s - t.warmup_steps, 0) / span, 1.0)
         shape = 1.0 - frac if t.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
         return floor + (1.0 - floor) * shape

@@ -213,7 +213,8 @@ def test_failed_save_keeps_the_previous_checkpoint(preempt):
 @pytest.fixture(scope="module")
 def universal(kill_resume, tmp_path_factory, tiny_data):
     """The 2-rank ZeRO-1 step-5 checkpoint resumed on 1 rank through ds_to_universal, with 2 accumulation
-    steps so the global batch stays 2 x 8: steps 6-10 see the very samples of the uninterrupted 2-rank run.
+    steps so the global batch stays 2 x 8: steps 6-10 see the very samples of the uninterrupted 2-rank run,
+    with its learning rates (train.lr_decay_steps=10 keeps the 10-step schedule of a run extended to 20).
     From step 12 every loss is poisoned: after train.max_nan_skips=2 skipped steps the NaN guard rolls back
     to the step-10 checkpoint this run saved (nan_policy=rollback), meets the poison again and stops."""
     ok(kill_resume.p_base)
@@ -223,7 +224,8 @@ def universal(kill_resume, tmp_path_factory, tiny_data):
     shutil.copytree(os.path.join(src, "global_step5"), os.path.join(run_dir, "checkpoints", "global_step5"))
     with open(os.path.join(run_dir, "checkpoints", "latest"), "w") as f:
         f.write("global_step5")
-    proc = launch(run_dir, tiny_data, *EXACT, "train.steps=20", "train.load_universal=true", "train.max_nan_skips=2",
+    proc = launch(run_dir, tiny_data, *EXACT, "train.steps=20", "train.lr_decay_steps=10", "train.load_universal=true",
+                  "train.max_nan_skips=2",
                   "train.gradient_accumulation_steps=2", "train.nan_policy=rollback", nproc=1,
                   extra_env={FAULT: "nan_loss@12-"})
     return SimpleNamespace(run_dir=run_dir, proc=proc, base=kill_resume.base)
@@ -240,13 +242,11 @@ def test_universal_checkpoint_resumes_two_ranks_on_one(universal):
     (events,) = event_files(u.run_dir)
     resumed = scalars(events)["train/loss"]
     base = scalars(*event_files(u.base))["train/loss"]
-    # step 6 sees the very samples and masks of the uninterrupted 2-rank run with the same weights: the
-    # same loss. Later steps drift (0.006 at step 7 to 0.06 at step 10, measured): the update after a
-    # universal 2 -> 1 resume with 2 accumulated micro batches is not bit-equal to the 2-rank one (known,
-    # under investigation); they stay close to the uninterrupted losses.
-    assert abs(resumed[6] - base[6]) < 1e-5, (resumed[6], base[6])
-    diffs = {s: abs(resumed[s] - base[s]) for s in range(7, 11)}
-    assert max(diffs.values()) < 0.2, diffs
+    # steps 6-10 see the very samples and masks of the uninterrupted 2-rank run, from the same weights and
+    # optimizer state, at the same learning rates: the same losses (up to float summation order; without
+    # the pinned decay the 20-step schedule alone moved them by 0.006 at step 7 to 0.06 at step 10)
+    diffs = {s: abs(resumed[s] - base[s]) for s in range(6, 11)}
+    assert max(diffs.values()) < 1e-4, diffs
 
 
 def test_nan_guard_rolls_back_then_stops_with_state_failed_and_one_line(universal):

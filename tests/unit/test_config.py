@@ -92,3 +92,19 @@ def test_every_field_has_a_docstring():
             docs = field_docs(cls)
             missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
             assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+def test_lr_decay_steps_keeps_the_schedule_of_an_extended_run():
+    """Raising train.steps on resume with lr_decay_steps pinned to the original length leaves the
+    learning rate of every step up to it unchanged; without the pin the decay stretches."""
+    from pretrain.trainer import lr_lambda
+
+    demo = os.path.join(ROOT, "configs/demo.yaml")
+    short = lr_lambda(load_config(demo, ["train.steps=10", "train.warmup_steps=4"]))
+    pinned = lr_lambda(load_config(demo, ["train.steps=20", "train.warmup_steps=4", "train.lr_decay_steps=10"]))
+    stretched = lr_lambda(load_config(demo, ["train.steps=20", "train.warmup_steps=4"]))
+    assert [pinned(s) for s in range(10)] == [short(s) for s in range(10)]
+    assert pinned(10) == pinned(15) == short(10) == 0.0  # at min_lr (0) from the decay's end on
+    assert stretched(7) > short(7) and stretched(3) == short(3)  # warm-up equal, decay not
+    with pytest.raises(ConfigError, match="lr_decay_steps"):
+        load_config(demo, ["train.lr_decay_steps=-1"])
