@@ -415,6 +415,7 @@ class Finetuner:
         train = dataclasses.replace(
             t, steps=self.total_steps, micro_batch_size=f.micro_batch_size, gradient_accumulation_steps=1,
             lr=f.lr, min_lr=0.0, warmup_steps=int(f.warmup_ratio * self.total_steps), lr_decay="linear",
+            lr_decay_steps=0,  # decay over this fine-tuning, not over a pretraining run's extended schedule
             weight_decay=f.weight_decay, grad_clip=f.grad_clip, zero_stage=f.zero_stage, bf16=f.bf16)
         ds_cfg = dataclasses.replace(self.cfg, train=train)
         return build_engine(ds_cfg, self.model, self.info)
