@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from ds_launch import BIN, run
+from ds_launch import BIN, ROOT, run
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +23,21 @@ ZERO0 = ("zero0", "train.steps=10", "train.zero_stage=0")  # no partitions: the 
 ZERO1 = ("zero1", "train.steps=20", "train.zero_stage=1")
 ZERO3 = ("zero3", "train.steps=20", "train.zero_stage=3")
 LINFORMER = ("variant_linformer", "train.steps=20", "train.save_every=0", "model.attention={name: linformer, k: 16}")
-# Checkpoints that learned context, for the fine-tuning bar (configs/demo_context_small.yaml on the
-# tiny data: hidden 128, 1800 steps of 2 x 32 sequences, 40% masking; about 4 min each on 2 cores).
-CONTEXT = ("model.hidden_size=128", "train.micro_batch_size=32", "train.steps=1800", "train.lr=1e-3",
-           "train.warmup_steps=60", "train.log_every=100", "train.eval_every=600", "train.eval_batches=20",
-           "train.save_every=0", "data.mask_prob=0.4")
+
+
+def _config_overrides(path: str) -> tuple[str, ...]:
+    """A config file's own model/data/train keys as dotted overrides (its paths left out), applied after
+    TINY so the launch trains what the file says on the test's tiny data."""
+    import yaml
+
+    own = yaml.safe_load(open(os.path.join(ROOT, path)))
+    return tuple(f"{sec}.{k}={json.dumps(v)}" for sec in ("model", "data", "train") for k, v in own.get(sec, {}).items()
+                 if k not in ("run_dir", "data_dir"))
+
+
+# Checkpoints that learned context, for the fine-tuning bar: configs/demo_context_small.yaml (hidden 128,
+# 1800 steps of 2 x 32 sequences, 40% masking; about 5 min each on 2 cores) on the tiny data.
+CONTEXT = _config_overrides("configs/demo_context_small.yaml")
 CONTEXT_SOFTMAX = ("context_softmax", *CONTEXT)
 CONTEXT_LINFORMER = ("context_linformer", *CONTEXT, "model.attention={name: linformer, k: 16}")
 
