@@ -124,6 +124,26 @@ def _skip_deepspeed_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def shutdown_distributed() -> None:
+    """Tear down megatron's parallel state and the process group at the end of a successful run.
+
+    Call it once per process, after the last collective, on the success path only (a rank that
+    failed may leave peers inside a collective, where destroying the group can hang them).
+    Without it, gloo's worker threads outlive interpreter shutdown and the process can abort
+    with "terminate called without an active exception" after all work is done (exit 250/134
+    under the launcher, so a finished job reads as failed).
+    """
+    import sys
+
+    import torch.distributed as dist
+
+    parallel_state = sys.modules.get("megatron.core.parallel_state")  # no import: nothing to tear down if unused
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(values: list[float] | torch.Tensor, group=None) -> torch.Tensor:
     """Sum a small float64 vector over ``group`` (the data-parallel group for losses)."""
     import torch.distributed as dist

@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(e, CheckpointError):
                 raise
         return error_exit(e, rank)
+    from launch.distributed import shutdown_distributed
+
+    shutdown_distributed()
     if rank == 0:
         if result["state"] == "preempted":
             log.info("preempted at step %d (%s); checkpoint %s; run dir %s", result["step"], result["reason"],

@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                               data_parallel_group() if info.dp_size > 1 else None)
     except (CheckpointError, ConfigError, DataError, ValueError) as e:
         return error_exit(e, rank)
+    from launch.distributed import shutdown_distributed
+
+    shutdown_distributed()
     if rank == 0:
         out = {"run": ck.run_dir, "checkpoint": ck.path, "step": ck.step, "zero_stage": ck.zero_stage,
                "attention": [c.name for c in layer_attention_configs(cfg)],

@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         info = export(args.run, args.out, args.tag, args.tokenizer, not args.no_verify, args.atol)
     except (CheckpointError, ExportError, DataError) as e:
         return error_exit(e)
+    from launch.distributed import shutdown_distributed
+
+    shutdown_distributed()
     logger.info("exported %s (step %d) to %s", info["checkpoint"], info["step"], args.out)
     sys.stdout.write(json.dumps({"out": os.path.abspath(args.out), **info}, indent=1) + "\n")
     return 0

@@ -611,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
         result = finetune(args.run, args.config, args.overrides)
     except (TaskError, CheckpointError, ConfigError, DataError) as e:
         return error_exit(e, rank)
+    from launch.distributed import shutdown_distributed
+
+    shutdown_distributed()
     if rank == 0:
         sys.stdout.write(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1) + "\n")
     return 0
