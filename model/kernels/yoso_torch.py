@@ -245,6 +245,27 @@ class _Workspace:
         return buf[:numel].view(*shape)
 
 
+SMALL_BMM_MACS = 1 << 20
+"""Batched products of fewer multiply-adds than this run on one thread. Waking the OpenMP team costs
+~45 us per call under ``OMP_WAIT_POLICY=PASSIVE`` (the CPU benchmarks' and a shared node's setting):
+a bucket class of 8 blocks of 8x8 took 78 ms for 500 calls on 2 threads, 13 ms on one; the
+crossover measured at 2^20-2^21 MACs for blocks 8x8 to 22x17 (d = 64)."""
+
+
+class _Threads:
+    """Switches torch's intra-op thread count between one and the caller's (restored by ``set(None)``)."""
+
+    def __init__(self) -> None:
+        self.full = torch.get_num_threads()
+        self.now = self.full
+
+    def set(self, n: int | None) -> None:
+        n = self.full if n is None else n
+        if n != self.now:
+            torch.set_num_threads(n)
+            self.now = n
+
+
 def _masked_codes(codes: torch.Tensor, mask: torch.Tensor, tau: int) -> torch.Tensor:
     """[b*h, n, m] codes with padding tokens in the extra bucket 2^tau (never paired)."""
     b, h, n, m = codes.shape
@@ -316,76 +337,82 @@ def surrogate_grads_bucket(qn: torch.Tensor, kn: torch.Tensor, v: torch.Tensor, 
     for name in ("xq", "xdy", "xk", "xv", "oq", "ok"):
         ws.get(name, cap, d)
     s_cap = max(1, _S_BYTES // v.element_size())
-    for s in range(0, m, hc):
-        for h0 in range(0, bh, hh):
-            c, hb = min(hc, m - s), min(hh, bh - h0)
-            g, ent = hb * c, hb * c * n
-            gid = (torch.arange(g, device=dev, dtype=torch.int32) * nb).view(hb, c, 1)
-            keyq = (cq[h0:h0 + hb, :, s:s + c].permute(0, 2, 1).to(torch.int32) + gid).reshape(-1)
-            keyk = (ck[h0:h0 + hb, :, s:s + c].permute(0, 2, 1).to(torch.int32) + gid).reshape(-1)
-            cntq = torch.bincount(keyq, minlength=g * nb)
-            cntk = torch.bincount(keyk, minlength=g * nb)
-            live = (cntq > 0) & (cntk > 0)
-            live.view(g, nb)[:, nb - 1] = False
-            bk = live.nonzero().squeeze(1)
-            if bk.numel() == 0:
-                continue
-            sq, pq = keyq.sort()
-            sk, pk = keyk.sort()
-            offq, offk = cntq.cumsum(0) - cntq, cntk.cumsum(0) - cntk
-            ia, ib = torch.bucketize(cntq[bk], sizes), torch.bucketize(cntk[bk], sizes)
-            cls, order = (ia * ns + ib).sort(stable=True)
-            bk = bk[order]
-            sa, sb = sizes[ia[order]], sizes[ib[order]]
-            enda, endb = sa.cumsum(0), sb.cumsum(0)
-            totq, totk = int(enda[-1]), int(endb[-1])
-            ucls, ccnt = torch.unique_consecutive(cls, return_counts=True)
-            # slot of each sorted entry (its bucket's first slot + its rank in the bucket), or the zero row
-            baseq = torch.full((g * nb,), -1, device=dev, dtype=torch.int64)
-            baseq[bk] = enda - sa
-            basek = torch.full((g * nb,), -1, device=dev, dtype=torch.int64)
-            basek[bk] = endb - sb
-            sq, sk = sq.long(), sk.long()
-            pos = torch.arange(ent, device=dev)
-            bq, bkk = baseq[sq], basek[sk]
-            slq_sorted = torch.where(bq >= 0, bq + pos - offq[sq], totq)
-            slk_sorted = torch.where(bkk >= 0, bkk + pos - offk[sk], totk)
+    threads = _Threads()  # tiny batched products run single-threaded (see SMALL_BMM_MACS)
+    try:
+        for s in range(0, m, hc):
+            for h0 in range(0, bh, hh):
+                c, hb = min(hc, m - s), min(hh, bh - h0)
+                g, ent = hb * c, hb * c * n
+                gid = (torch.arange(g, device=dev, dtype=torch.int32) * nb).view(hb, c, 1)
+                keyq = (cq[h0:h0 + hb, :, s:s + c].permute(0, 2, 1).to(torch.int32) + gid).reshape(-1)
+                keyk = (ck[h0:h0 + hb, :, s:s + c].permute(0, 2, 1).to(torch.int32) + gid).reshape(-1)
+                cntq = torch.bincount(keyq, minlength=g * nb)
+                cntk = torch.bincount(keyk, minlength=g * nb)
+                live = (cntq > 0) & (cntk > 0)
+                live.view(g, nb)[:, nb - 1] = False
+                bk = live.nonzero().squeeze(1)
+                if bk.numel() == 0:
+                    continue
+                sq, pq = keyq.sort()
+                sk, pk = keyk.sort()
+                offq, offk = cntq.cumsum(0) - cntq, cntk.cumsum(0) - cntk
+                ia, ib = torch.bucketize(cntq[bk], sizes), torch.bucketize(cntk[bk], sizes)
+                cls, order = (ia * ns + ib).sort(stable=True)
+                bk = bk[order]
+                sa, sb = sizes[ia[order]], sizes[ib[order]]
+                enda, endb = sa.cumsum(0), sb.cumsum(0)
+                totq, totk = int(enda[-1]), int(endb[-1])
+                ucls, ccnt = torch.unique_consecutive(cls, return_counts=True)
+                # slot of each sorted entry (its bucket's first slot + its rank in the bucket), or the zero row
+                baseq = torch.full((g * nb,), -1, device=dev, dtype=torch.int64)
+                baseq[bk] = enda - sa
+                basek = torch.full((g * nb,), -1, device=dev, dtype=torch.int64)
+                basek[bk] = endb - sb
+                sq, sk = sq.long(), sk.long()
+                pos = torch.arange(ent, device=dev)
+                bq, bkk = baseq[sq], basek[sk]
+                slq_sorted = torch.where(bq >= 0, bq + pos - offq[sq], totq)
+                slk_sorted = torch.where(bkk >= 0, bkk + pos - offk[sk], totk)
 
-            def row_of(e: torch.Tensor) -> torch.Tensor:  # entry (head, hash, token) of the chunk -> flat row
-                return torch.div(e, c * n, rounding_mode="floor") * n + (e % n + h0 * n)
+                def row_of(e: torch.Tensor, c: int = c, h0: int = h0) -> torch.Tensor:  # entry (head, hash, token) of the chunk -> flat row
+                    return torch.div(e, c * n, rounding_mode="floor") * n + (e % n + h0 * n)
 
-            srow_q = torch.full((totq + 1,), pad_row, device=dev, dtype=torch.int64)
-            srow_q[slq_sorted] = row_of(pq)
-            srow_k = torch.full((totk + 1,), pad_row, device=dev, dtype=torch.int64)
-            srow_k[slk_sorted] = row_of(pk)
-            iq, ik = srow_q[:totq], srow_k[:totk]
-            xq = torch.index_select(fq, 0, iq, out=ws.get("xq", totq, d))
-            xdy = torch.index_select(fdy, 0, iq, out=ws.get("xdy", totq, d))
-            xk = torch.index_select(fk, 0, ik, out=ws.get("xk", totk, d))
-            xv = torch.index_select(fv, 0, ik, out=ws.get("xv", totk, d))
-            oq, ok = ws.get("oq", totq + 1, d), ws.get("ok", totk + 1, d)
-            oq[totq] = 0
-            ok[totk] = 0
-            o1 = o2 = 0
-            for cl, cnt in zip(ucls.tolist(), ccnt.tolist()):
-                a_, b_ = sizes_l[cl // ns], sizes_l[cl % ns]
-                step = max(1, s_cap // (a_ * b_))
-                for l0 in range(0, cnt, step):
-                    nl = min(step, cnt - l0)
-                    r1, r2 = slice(o1, o1 + nl * a_), slice(o2, o2 + nl * b_)
-                    sc = torch.bmm(xdy[r1].view(nl, a_, d), xv[r2].view(nl, b_, d).transpose(1, 2),
-                                   out=ws.get("s", nl, a_, b_))  # (dY_i . v_j) of the block
-                    torch.bmm(sc, xk[r2].view(nl, b_, d), out=oq[r1].view(nl, a_, d))
-                    torch.bmm(sc.transpose(1, 2), xq[r1].view(nl, a_, d), out=ok[r2].view(nl, b_, d))
-                    o1 += nl * a_
-                    o2 += nl * b_
-            slq = torch.empty(ent, device=dev, dtype=torch.int64)
-            slq[pq] = slq_sorted
-            slk = torch.empty(ent, device=dev, dtype=torch.int64)
-            slk[pk] = slk_sorted
-            rows = slice(h0 * n, (h0 + hb) * n)
-            dq[rows] += F.embedding_bag(slq.view(hb, c, n).transpose(1, 2).reshape(hb * n, c), oq, mode="sum")
-            dk[rows] += F.embedding_bag(slk.view(hb, c, n).transpose(1, 2).reshape(hb * n, c), ok, mode="sum")
+                srow_q = torch.full((totq + 1,), pad_row, device=dev, dtype=torch.int64)
+                srow_q[slq_sorted] = row_of(pq)
+                srow_k = torch.full((totk + 1,), pad_row, device=dev, dtype=torch.int64)
+                srow_k[slk_sorted] = row_of(pk)
+                iq, ik = srow_q[:totq], srow_k[:totk]
+                xq = torch.index_select(fq, 0, iq, out=ws.get("xq", totq, d))
+                xdy = torch.index_select(fdy, 0, iq, out=ws.get("xdy", totq, d))
+                xk = torch.index_select(fk, 0, ik, out=ws.get("xk", totk, d))
+                xv = torch.index_select(fv, 0, ik, out=ws.get("xv", totk, d))
+                oq, ok = ws.get("oq", totq + 1, d), ws.get("ok", totk + 1, d)
+                oq[totq] = 0
+                ok[totk] = 0
+                o1 = o2 = 0
+                for cl, cnt in zip(ucls.tolist(), ccnt.tolist()):
+                    a_, b_ = sizes_l[cl // ns], sizes_l[cl % ns]
+                    step = max(1, s_cap // (a_ * b_))
+                    for l0 in range(0, cnt, step):
+                        nl = min(step, cnt - l0)
+                        threads.set(1 if nl * a_ * b_ * d < SMALL_BMM_MACS else None)
+                        r1, r2 = slice(o1, o1 + nl * a_), slice(o2, o2 + nl * b_)
+                        sc = torch.bmm(xdy[r1].view(nl, a_, d), xv[r2].view(nl, b_, d).transpose(1, 2),
+                                       out=ws.get("s", nl, a_, b_))  # (dY_i . v_j) of the block
+                        torch.bmm(sc, xk[r2].view(nl, b_, d), out=oq[r1].view(nl, a_, d))
+                        torch.bmm(sc.transpose(1, 2), xq[r1].view(nl, a_, d), out=ok[r2].view(nl, b_, d))
+                        o1 += nl * a_
+                        o2 += nl * b_
+                threads.set(None)
+                slq = torch.empty(ent, device=dev, dtype=torch.int64)
+                slq[pq] = slq_sorted
+                slk = torch.empty(ent, device=dev, dtype=torch.int64)
+                slk[pk] = slk_sorted
+                rows = slice(h0 * n, (h0 + hb) * n)
+                dq[rows] += F.embedding_bag(slq.view(hb, c, n).transpose(1, 2).reshape(hb * n, c), oq, mode="sum")
+                dk[rows] += F.embedding_bag(slk.view(hb, c, n).transpose(1, 2).reshape(hb * n, c), ok, mode="sum")
+    finally:
+        threads.set(None)
     scale = tau / (2 * m)
     return (dq * scale).view(b, h, n, d), (dk * scale).view(b, h, n, d)
 

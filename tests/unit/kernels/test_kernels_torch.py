@@ -211,6 +211,31 @@ def test_yoso_bucket_surrogate_backward_matches_pairwise_formula(chunk, s_bytes,
     assert (dq[1, :, 19:] == 0).all() and (dk[1, :, 19:] == 0).all()
 
 
+@pytest.mark.parametrize("small_macs", [0, 1 << 40])
+def test_yoso_bucket_small_products_run_single_threaded_and_threads_are_restored(small_macs, monkeypatch):
+    """Below SMALL_BMM_MACS the class products run on one thread (OpenMP wake-ups dominate them);
+    the result does not depend on it and the caller's thread count comes back, also after an error."""
+    monkeypatch.setattr(yoso_torch, "SMALL_BMM_MACS", small_macs)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda k: (seen.append(k), real_set(k)))
+    try:
+        qn, kn, v, dy, cq, ck, mask = _yoso_bucket_case()
+        want_q, want_k, _ = ref.yoso_grad_reference(qn, kn, v, dy, mask, 3, cq, ck)
+        dq, dk = yoso_torch.surrogate_grads_bucket(qn, kn, v, dy, cq, ck, mask.to(F64), 3, 1 << 30)
+        torch.testing.assert_close(dq, want_q, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(dk, want_k, rtol=1e-10, atol=1e-12)
+        assert torch.get_num_threads() == 2
+        assert seen == ([] if small_macs == 0 else [1, 2])  # switched once per chunk at most, then back
+        with pytest.raises(RuntimeError):  # a failing call (mixed dtypes)
+            yoso_torch.surrogate_grads_bucket(qn, kn, v.float(), dy, cq, ck, mask.to(F64), 3, 1 << 30)
+        assert torch.get_num_threads() == 2
+    finally:
+        real_set(before)
+
+
 def test_yoso_bucket_budget_chunks_and_no_collisions():
     qn, kn, v, dy, cq, ck, mask = _yoso_bucket_case(n=23, real=(23, 0))
     want_q, want_k, _ = ref.yoso_grad_reference(qn, kn, v, dy, mask, 3, cq, ck)
