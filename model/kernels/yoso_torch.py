@@ -255,12 +255,13 @@ crossover measured at 2^20-2^21 MACs for blocks 8x8 to 22x17 (d = 64)."""
 class _Threads:
     """Switches torch's intra-op thread count between one and the caller's (restored by ``set(None)``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.cpu = device.type == "cpu"  # CUDA products do not use the intra-op pool
         self.full = torch.get_num_threads()
         self.now = self.full
 
     def set(self, n: int | None) -> None:
-        n = self.full if n is None else n
+        n = self.full if n is None or not self.cpu else n
         if n != self.now:
             torch.set_num_threads(n)
             self.now = n
@@ -337,7 +338,7 @@ def surrogate_grads_bucket(qn: torch.Tensor, kn: torch.Tensor, v: torch.Tensor, 
     for name in ("xq", "xdy", "xk", "xv", "oq", "ok"):
         ws.get(name, cap, d)
     s_cap = max(1, _S_BYTES // v.element_size())
-    threads = _Threads()  # tiny batched products run single-threaded (see SMALL_BMM_MACS)
+    threads = _Threads(dev)  # tiny batched products run single-threaded (see SMALL_BMM_MACS)
     try:
         for s in range(0, m, hc):
             for h0 in range(0, bh, hh):
