@@ -26,6 +26,7 @@ costs m n d^2 per direction; it only beats the sorted tiles when buckets hold mo
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -233,8 +234,8 @@ def _class_sizes(n: int) -> list[int]:
 class _Workspace:
     """Reused flat buffers (fresh large CPU allocations cost page faults on every touch)."""
 
-    def __init__(self, like: torch.Tensor) -> None:
-        self.like, self.bufs = like, {}
+    def __init__(self, like: torch.Tensor, bufs: dict | None = None) -> None:
+        self.like, self.bufs = like, ({} if bufs is None else bufs)
 
     def get(self, name: str, *shape: int) -> torch.Tensor:
         numel = math.prod(shape)
@@ -265,6 +266,31 @@ class _Threads:
         if n != self.now:
             torch.set_num_threads(n)
             self.now = n
+
+
+_SHARED = threading.local()
+
+
+def _workspace(like: torch.Tensor) -> _Workspace:
+    """The bucket backward's workspace: on CPU, buffers kept between calls (per thread, dtype).
+
+    Its six [slots, d] buffers are most of the backward's memory (~0.5 GB at n = 8192, d = 64, under
+    the default 1 GiB budget), and fresh CPU pages are zeroed by the kernel on first touch: reusing
+    them across layers and steps took the n=8192 backward from 1.8-2.0 s to 1.4-1.5 s. The peak is
+    unchanged (the first call allocates them anyway); ``release_workspaces`` returns the memory.
+    On CUDA the caching allocator already reuses memory, so each call gets its own.
+    """
+    if like.device.type != "cpu":
+        return _Workspace(like)
+    cache = getattr(_SHARED, "bufs", None)
+    if cache is None:
+        cache = _SHARED.bufs = {}
+    return _Workspace(like, cache.setdefault(like.dtype, {}))
+
+
+def release_workspaces() -> None:
+    """Free this thread's kept CPU workspaces (see ``_workspace``)."""
+    _SHARED.bufs = {}
 
 
 def _masked_codes(codes: torch.Tensor, mask: torch.Tensor, tau: int) -> torch.Tensor:
@@ -333,7 +359,7 @@ def surrogate_grads_bucket(qn: torch.Tensor, kn: torch.Tensor, v: torch.Tensor, 
     dq = torch.zeros(bh * n, d, device=dev, dtype=dt)
     dk = torch.zeros(bh * n, d, device=dev, dtype=dt)
     hc, hh = chunk or _bucket_groups(n, d, v.element_size(), bh, m, max_bytes)
-    ws = _Workspace(v)
+    ws = _workspace(v)
     cap = int(1.4 * hc * hh * n)
     for name in ("xq", "xdy", "xk", "xv", "oq", "ok"):
         ws.get(name, cap, d)

@@ -21,7 +21,11 @@ def runs(tmp_path_factory):
     """Start the three --tiny benchmarks at once (they spend much of their time importing and
     building, so running them side by side keeps the whole module well under a minute)."""
     tmp = tmp_path_factory.mktemp("bench")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=REPO)
+    # a fresh world of one each: not the rendezvous of this process's own gloo group (tests/conftest.py),
+    # whose MASTER_PORT is still bound (EADDRINUSE when these tests ran after the kernel tests)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=REPO)
     cmds = {
         "attention": ["attention.py", "--dtypes", "fp32"],
         "train_step": ["train_step.py", "--dtypes", "fp32"],

@@ -236,6 +236,25 @@ def test_yoso_bucket_small_products_run_single_threaded_and_threads_are_restored
         real_set(before)
 
 
+def test_yoso_bucket_workspace_is_kept_between_calls_and_results_do_not_alias_it():
+    """On CPU the bucket backward reuses its buffers; a second call (other data) is still exact and
+    the first call's results are untouched by it."""
+    yoso_torch.release_workspaces()
+    qn, kn, v, dy, cq, ck, mask = _yoso_bucket_case()
+    want_q, want_k, _ = ref.yoso_grad_reference(qn, kn, v, dy, mask, 3, cq, ck)
+    dq, dk = yoso_torch.surrogate_grads_bucket(qn, kn, v, dy, cq, ck, mask.to(F64), 3, 1 << 30)
+    six = ("xq", "xdy", "xk", "xv", "oq", "ok")  # sized up front for the chunk ("s" grows with the classes)
+    kept = {name: yoso_torch._SHARED.bufs[F64][name].data_ptr() for name in six}
+    qn2, kn2, v2, dy2, cq2, ck2, mask2 = _yoso_bucket_case(seed=9)
+    want_q2, want_k2, _ = ref.yoso_grad_reference(qn2, kn2, v2, dy2, mask2, 3, cq2, ck2)
+    dq2, dk2 = yoso_torch.surrogate_grads_bucket(qn2, kn2, v2, dy2, cq2, ck2, mask2.to(F64), 3, 1 << 30)
+    assert {name: yoso_torch._SHARED.bufs[F64][name].data_ptr() for name in six} == kept  # reused
+    for got, want in ((dq, want_q), (dk, want_k), (dq2, want_q2), (dk2, want_k2)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    yoso_torch.release_workspaces()
+    assert yoso_torch._SHARED.bufs == {}
+
+
 def test_yoso_bucket_budget_chunks_and_no_collisions():
     qn, kn, v, dy, cq, ck, mask = _yoso_bucket_case(n=23, real=(23, 0))
     want_q, want_k, _ = ref.yoso_grad_reference(qn, kn, v, dy, mask, 3, cq, ck)
