@@ -200,6 +200,8 @@ def run(sizes: list[int], dtypes: list[str], variants: list[str], repeats: int, 
         mem_fraction: float, slow_s: float = 20.0, out: str | None = None) -> dict[str, Any]:
     import torch
 
+    from model.kernels.yoso_torch import release_workspaces
+
     machine = common.machine()
     common.log(f"machine: {machine}")
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -242,8 +244,6 @@ def run(sizes: list[int], dtypes: list[str], variants: list[str], repeats: int, 
                     fn, leaves, info = build_case(name, n, dt[dname])
                     row.update(info)
                     holder: dict = {}
-                    from model.kernels.yoso_torch import release_workspaces
-
                     release_workspaces()  # YOSO keeps its CPU workspace between calls: count it in its peak
                     with common.PeakRss() as m:
                         t_fwd, t_all = _step(fn, leaves, holder)

@@ -8,12 +8,13 @@ runs of this body without the call, 9 of 12 in another try; CI saw it end a fine
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from launch.distributed import _free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,11 +35,6 @@ BODY = textwrap.dedent("""
     assert not dist.is_initialized()
 """)
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_ranks_exit_cleanly_after_shutdown(tmp_path):
@@ -46,7 +42,7 @@ def test_two_ranks_exit_cleanly_after_shutdown(tmp_path):
     script.write_text(BODY.format(root=ROOT))
     failures = []
     for attempt in range(8):  # without the teardown most pairs abort: 8 clean pairs in a row is the check
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), WORLD_SIZE="2",
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
                    OMP_NUM_THREADS="1")
         procs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
