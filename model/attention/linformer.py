@@ -40,8 +40,13 @@ class LinformerConfig(AttentionConfig):
     """Projected length: rows of E and F (must be <= max_seq_len = model.max_position_embeddings)."""
     sharing: Literal["none", "headwise", "key-value", "layerwise"] = "headwise"
     """Which projections are shared: per head (none), per layer, E = F per layer, one for all layers."""
+    init: Literal["normal", "pool"] = "normal"
+    """Init of E and F: ``normal`` (random projection, the paper's learned E) or ``pool`` (row r averages
+    positions [r*w, (r+1)*w), w = max_seq_len / k: the paper's mean-pooling projection as a start, still
+    learned). Pooling keeps local order from step 0; a random E mixes all positions into every row."""
     init_std: float = 0.0
-    """Std of the normal init of E and F; 0 means 1/sqrt(max_seq_len) (keeps K~ rows at K's scale)."""
+    """Std of the normal init of E and F; 0 means 1/sqrt(max_seq_len) (keeps K~ rows at K's scale).
+    With ``init: pool``, the std of noise added to the pooling weights (0 = none)."""
 
     def validate(self, where: str = "model.attention") -> None:
         if self.k < 1:
@@ -105,12 +110,20 @@ class LinformerAttention(CoreAttention):
             raise ValueError(f"linformer: {cfg.where()}.k={cfg.k} exceeds max_seq_len={self.max_seq_len} "
                              f"(model.max_position_embeddings); use k <= {self.max_seq_len}")
         shape = (self.num_heads, cfg.k, self.max_seq_len) if cfg.sharing == "none" else (cfg.k, self.max_seq_len)
-        std = cfg.init_std or 1.0 / math.sqrt(self.max_seq_len)
-        self.E = nn.Parameter(torch.empty(shape).normal_(0.0, std))
-        if cfg.sharing in ("none", "headwise"):
-            self.F = nn.Parameter(torch.empty(shape).normal_(0.0, std))
-        else:
-            self.F = None
+        self.E = nn.Parameter(self._initial(shape))
+        self.F = nn.Parameter(self._initial(shape)) if cfg.sharing in ("none", "headwise") else None
+
+    def _initial(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A fresh E or F of ``shape`` ([k, N] or [heads, k, N]) as ``cfg.init`` says."""
+        if self.cfg.init == "normal":
+            return torch.empty(shape).normal_(0.0, self.cfg.init_std or 1.0 / math.sqrt(self.max_seq_len))
+        k, N = shape[-2], shape[-1]
+        row = (torch.arange(N) * k) // N  # position c -> the row that pools it: k contiguous windows
+        pool = (row[None, :] == torch.arange(k)[:, None]).float()  # [k, N] one-hot windows
+        pool = pool / pool.sum(dim=1, keepdim=True).clamp(min=1.0)  # mean over each window
+        if self.cfg.init_std:
+            pool = pool + torch.randn(k, N) * self.cfg.init_std
+        return pool.expand(shape).clone()
 
     def share_key(self) -> object | None:
         if self.cfg.sharing != "layerwise":

@@ -51,6 +51,7 @@ def test_yoso_hash_bits_too_large_for_memory():
     ({"name": "bert_lsh", "semantics": "sparse"}, "valid choices: code, paper"),
     ({"name": "linformer", "sharing": "global"}, "model.attention.sharing"),
     ({"name": "linformer", "k": 0}, "model.attention.k=0"),
+    ({"name": "linformer", "init": "xavier"}, "valid choices: normal, pool"),
     ({"name": "shared_qkv", "bias": True}, "unknown key 'bias'"),
     ({"name": "performer"}, "available: bert_lsh, linformer, shared_qkv, softmax, yoso"),
 ])

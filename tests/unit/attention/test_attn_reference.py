@@ -45,6 +45,33 @@ def test_linformer_matches_formula(per_head):
     torch.testing.assert_close(linformer_attention(q, k, v, mask, E, F), ref.linformer_reference(q, k, v, mask, E, F))
 
 
+@pytest.mark.parametrize(("k", "N", "sharing"), [(4, 8, "headwise"), (4, 10, "none"), (3, 3, "key-value")])
+def test_linformer_pool_init_is_window_means(k, N, sharing):
+    """``init: pool``: E (and F) start as the mean over k contiguous windows covering all N positions,
+    so the compressed keys and values are window means of K and V (checked against that formula)."""
+    from model.attention import build
+
+    core = build({"name": "linformer", "k": k, "init": "pool", "sharing": sharing}, num_heads=2, head_dim=4,
+                 max_seq_len=N).double()
+    E = core.E.detach()
+    assert E.shape == ((2, k, N) if sharing == "none" else (k, N))
+    E2 = E.reshape(-1, k, N)
+    for P in E2:
+        rows = [(P[r] > 0).nonzero().flatten().tolist() for r in range(k)]
+        assert sum(rows, []) == list(range(N))  # contiguous windows in order, each position once
+        for r, cols in enumerate(rows):
+            torch.testing.assert_close(P[r, cols], torch.full((len(cols),), 1.0 / len(cols), dtype=F64))
+    q, kk, v = _qkv(b=1, n=N)
+    win = [(E2[0][r] > 0).nonzero().flatten() for r in range(k)]
+    k_bar = torch.stack([kk[:, :, w].mean(2) for w in win], dim=2)  # [b, h, k, d]
+    v_bar = torch.stack([v[:, :, w].mean(2) for w in win], dim=2)
+    want = torch.softmax(q @ k_bar.transpose(-1, -2) / math.sqrt(8), dim=-1) @ v_bar
+    torch.testing.assert_close(core.eval()(q, kk, v, None), want)
+    noisy = build({"name": "linformer", "k": k, "init": "pool", "init_std": 0.01}, num_heads=2, head_dim=4,
+                  max_seq_len=N)
+    assert 0 < (noisy.E.detach().double() - E.reshape(-1, k, N)[0]).abs().max() < 0.1
+
+
 def test_linformer_zeroing_pads_equals_slicing():
     """Right padding: zeroing the padded rows == running on the real prefix (E sliced to it)."""
     q, k, v = _qkv()
