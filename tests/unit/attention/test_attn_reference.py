@@ -206,3 +206,45 @@ def test_shared_qkv_logits_are_symmetric():
     q, k, _ = shared_qkv_projection(x, w, b, dq, dk, dv, heads)
     s = q @ k.transpose(-1, -2) / math.sqrt(dim // heads)
     torch.testing.assert_close(s, s.transpose(-1, -2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linformer_explicit_16bit_path_matches_sdpa(dtype, monkeypatch):
+    """16-bit CPU Linformer runs its n x k scores as matmul-softmax-matmul (faster than the CPU flash
+    kernel at these sizes); outputs and all gradients agree with SDPA's path to 16-bit precision."""
+    from model.attention import linformer as lin
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=g) for _ in range(3))
+    E, F = (torch.randn(8, 48, generator=g) / 7 for _ in range(2))
+    mask = _mask(b=2, n=40, real=(40, 29))
+    assert lin._explicit_scores(q.to(dtype), q[:, :, :8].to(dtype)) and not lin._explicit_scores(q, q[:, :, :8])
+
+    def run(path: str):
+        monkeypatch.setattr(lin, "EXPLICIT_MAX_SCORES", 1 << 30 if path == "explicit" else 0)
+        dt = torch.float64 if path == "fp64" else dtype
+        ins = [t.to(dt).requires_grad_() for t in (q, k, v, E, F)]
+        out = linformer_attention(ins[0], ins[1], ins[2], mask, ins[3], ins[4])
+        out.double().square().sum().backward()
+        return [out.double(), *(t.grad.double() for t in ins)]
+
+    ref_, explicit, sdpa = run("fp64"), run("explicit"), run("sdpa")
+    for name, r, a, b in zip(("out", "dq", "dk", "dv", "dE", "dF"), ref_, explicit, sdpa):
+        err_a, err_b, scale = (a - r).abs().max(), (b - r).abs().max(), r.abs().max()
+        assert err_a <= 2 * err_b + 1e-2 * scale, (name, float(err_a), float(err_b), float(scale))
+
+
+def test_linformer_explicit_path_dropout_and_size_limit(monkeypatch):
+    """Dropout on the explicit path drops probabilities (output changes, stays finite); past
+    EXPLICIT_MAX_SCORES score elements the call goes back to SDPA."""
+    from model.attention import linformer as lin
+
+    q = torch.randn(1, 2, 32, 8, dtype=torch.bfloat16)
+    kp = torch.randn(1, 2, 8, 8, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    dropped = lin._attention_explicit(q, kp, kp, 0.5, 0.35)
+    assert torch.isfinite(dropped).all() and not torch.equal(dropped, lin._attention_explicit(q, kp, kp, 0.0, 0.35))
+    monkeypatch.setattr(lin, "EXPLICIT_MAX_SCORES", 1 * 2 * 32 * 8)
+    assert lin._explicit_scores(q, kp)
+    monkeypatch.setattr(lin, "EXPLICIT_MAX_SCORES", 1 * 2 * 32 * 8 - 1)
+    assert not lin._explicit_scores(q, kp)
