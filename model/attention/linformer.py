@@ -150,10 +150,10 @@ class LinformerAttention(CoreAttention):
         k, N = shape[-2], shape[-1]
         row = (torch.arange(N) * k) // N  # position c -> the row that pools it: k contiguous windows
         pool = (row[None, :] == torch.arange(k)[:, None]).float()  # [k, N] one-hot windows
-        pool = pool / pool.sum(dim=1, keepdim=True).clamp(min=1.0)  # mean over each window
-        if self.cfg.init_std:
-            pool = pool + torch.randn(k, N) * self.cfg.init_std
-        return pool.expand(shape).clone()
+        pool = (pool / pool.sum(dim=1, keepdim=True).clamp(min=1.0)).expand(shape).clone()  # window means
+        if self.cfg.init_std:  # independent noise per head (sharing: none)
+            pool += torch.randn(shape) * self.cfg.init_std
+        return pool
 
     def share_key(self) -> object | None:
         if self.cfg.sharing != "layerwise":

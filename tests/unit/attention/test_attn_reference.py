@@ -70,6 +70,9 @@ def test_linformer_pool_init_is_window_means(k, N, sharing):
     noisy = build({"name": "linformer", "k": k, "init": "pool", "init_std": 0.01}, num_heads=2, head_dim=4,
                   max_seq_len=N)
     assert 0 < (noisy.E.detach().double() - E.reshape(-1, k, N)[0]).abs().max() < 0.1
+    per_head = build({"name": "linformer", "k": k, "init": "pool", "init_std": 0.01, "sharing": "none"},
+                     num_heads=2, head_dim=4, max_seq_len=N).E.detach()
+    assert not torch.equal(per_head[0], per_head[1])  # each head draws its own noise
 
 
 def test_linformer_zeroing_pads_equals_slicing():
