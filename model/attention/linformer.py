@@ -150,7 +150,7 @@ class LinformerAttention(CoreAttention):
         k, N = shape[-2], shape[-1]
         row = (torch.arange(N) * k) // N  # position c -> the row that pools it: k contiguous windows
         pool = (row[None, :] == torch.arange(k)[:, None]).float()  # [k, N] one-hot windows
-        pool = (pool / pool.sum(dim=1, keepdim=True).clamp(min=1.0)).expand(shape).clone()  # window means
+        pool = (pool / pool.sum(dim=1, keepdim=True)).expand(shape).clone()  # window means (k <= N: none empty)
         if self.cfg.init_std:  # independent noise per head (sharing: none)
             pool += torch.randn(shape) * self.cfg.init_std
         return pool
