@@ -39,7 +39,8 @@ FLOPs of both: the softmax count minus the core attention (``model.flops.attenti
 
 Timing: one warm-up step per model, then interleaved rounds (rotated order), median step time.
 ``--models A,B,...`` runs those rows instead of the plan's; ``NAME+fused_adamw`` is row NAME with
-``torch.optim.AdamW(fused=True)``. Every row's AdamW is fused by default (what ``pretrain/trainer.py`` and
+``torch.optim.AdamW(fused=True)``; ``linformer+paper_form`` is Linformer with E and F applied to K and V
+(the paper's form) instead of to the layer input (``LinformerSelfAttention``, the default), for an A/B. Every row's AdamW is fused by default (what ``pretrain/trainer.py`` and
 HF's Trainer, ``adamw_torch_fused``, build); ``--adamw loop`` switches every row to the for-loop AdamW.
 ``--profile NAME[,NAME]`` adds a torch.profiler table (top ops by self CPU time) of one more step of
 those rows to the JSON (``profile_top``).
@@ -48,6 +49,7 @@ those rows to the JSON (``profile_top``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -59,8 +61,10 @@ from bench import common  # noqa: E402
 
 LAYERS, HIDDEN, HEADS, FFN, VOCAB = 4, 256, 4, 1024, 8192
 FULL_PLAN = {128: ["softmax", "shared_qkv", "hf_bert"],
-             2048: ["softmax", "linformer", "yoso", "bert_lsh", "hf_bert", "noattn", "hf_bert_noattn"]}
-TINY_PLAN = {32: ["softmax", "shared_qkv", "linformer", "yoso", "bert_lsh", "hf_bert", "noattn", "hf_bert_noattn"]}
+             2048: ["softmax", "linformer", "linformer+paper_form", "yoso", "bert_lsh", "hf_bert", "noattn",
+                    "hf_bert_noattn"]}
+TINY_PLAN = {32: ["softmax", "shared_qkv", "linformer", "linformer+paper_form", "yoso", "bert_lsh", "hf_bert", "noattn",
+                  "hf_bert_noattn"]}
 CEILINGS = ("noattn", "hf_bert_noattn")  # "ceiling: no attention at all" (see the docstring)
 CEILING_NOTE = "ceiling: no attention at all (V passed through)"
 NOATTN = "bench_noattn"  # the bench-only core attention registered by register_noattn()
@@ -113,7 +117,7 @@ def _dist() -> None:
 def experiment_cfg(attention: str, n: int, bf16: bool):
     from launch.config import load_config
 
-    extra = f", k: {min(128, n)}" if attention == "linformer" else ""  # k <= max_seq_len (the tiny run)
+    extra = f", k: {min(128, n // 2)}" if attention == "linformer" else ""  # k < n also in the tiny run
 
     overrides = [f"model.num_layers={LAYERS}", f"model.hidden_size={HIDDEN}", f"model.num_attention_heads={HEADS}",
                  f"model.ffn_hidden_size={FFN}", f"model.max_position_embeddings={n}", f"model.vocab_size={VOCAB}",
@@ -137,13 +141,15 @@ def make_batch(batch: int, n: int, seed: int = 0) -> dict:
 
 class Case:
     def __init__(self, name: str, n: int, bf16: bool, tokens_per_step: int = TOKENS_PER_STEP,
-                 autocast: bool = False, noattn: bool = False, adamw: str = "default") -> None:
+                 autocast: bool = False, noattn: bool = False, adamw: str = "default",
+                 paper_form: bool = False) -> None:
         import torch
 
         from model.flops import model_flops
         from pretrain.trainer import param_groups
 
         self.name, self.n, self.bf16 = name, n, bf16
+        self.paper_form = paper_form  # Linformer layers in the paper's form (LinformerSelfAttention.compress_input off)
         # default: fused AdamW, what both trainers run (pretrain.trainer._fused_adamw; HF Trainer's
         # adamw_torch_fused since torch 2.8); loop: the plain for-loop AdamW, to show the optimizer's share
         opt_kw = {} if adamw == "loop" else {"fused": True}
@@ -182,8 +188,9 @@ class Case:
                 self.flops = noattn_flops(n, self.batch, num_masked)
                 self.flops_note = f"{CEILING_NOTE}; softmax count minus core attention"
             else:
-                self.flops = model_flops(cfg, self.batch, n, num_masked, VOCAB)["total"]
-                self.flops_note = "model.flops.model_flops"
+                self.flops = model_flops(cfg, self.batch, n, num_masked, VOCAB,
+                                         linformer_input_form=not paper_form)["total"]
+                self.flops_note = "model.flops.model_flops" + (" (paper form)" if paper_form else "")
             t = cfg.train
             self.opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr,
                                          betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, **opt_kw)
@@ -219,7 +226,7 @@ class Case:
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         self.model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast), _linformer_form(self.paper_form):
             if self.name == "hf_bert":
                 loss = self.model(**d).loss
             else:
@@ -240,6 +247,19 @@ class Case:
         if not torch.isfinite(loss.detach()):
             raise FloatingPointError(f"{self.name}: non-finite loss")
         return dt
+
+
+@contextlib.contextmanager
+def _linformer_form(paper: bool):
+    """Run Linformer's megatron layers in the paper's form (E K, F V) instead of compressing their input."""
+    from model.attention.megatron_adapter import LinformerSelfAttention
+
+    before = LinformerSelfAttention.compress_input
+    LinformerSelfAttention.compress_input = not paper and before
+    try:
+        yield
+    finally:
+        LinformerSelfAttention.compress_input = before
 
 
 def profile_step(case: Case, top: int = 15) -> list[dict[str, Any]]:
@@ -279,7 +299,8 @@ def run(plan: dict[int, list[str]], dtypes: list[str], repeats: int,
             run_names = list(names) + (["hf_bert_autocast"] if dname == "bf16" and "hf_bert" in names
                                        and autocast_row else [])
             for name in run_names:
-                base_name, _, variant = name.partition("+")  # "<row>+fused_adamw": that row with fused AdamW
+                # "<row>+fused_adamw": that row with fused AdamW; "linformer+paper_form": the paper's E K, F V
+                base_name, _, variant = name.partition("+")
                 row_adamw = "fused" if variant == "fused_adamw" else adamw
                 hf = base_name.startswith("hf_bert")
                 ceiling = base_name in CEILINGS
@@ -295,7 +316,7 @@ def run(plan: dict[int, list[str]], dtypes: list[str], repeats: int,
                 try:
                     c = Case("hf_bert" if hf else base_name, n, dname == "bf16", tokens_per_step,
                              autocast=base_name == "hf_bert_autocast", noattn=base_name == "hf_bert_noattn",
-                             adamw=row_adamw)
+                             adamw=row_adamw, paper_form=variant == "paper_form")
                     c.key = name
                     row.update(batch=c.batch, tokens_per_step=c.batch * n, params=c.params, flops_per_step=c.flops,
                                flops_note=c.flops_note, hf_attn_implementation=c.impl)

@@ -16,7 +16,9 @@ costs as much as real tokens in every PyTorch path here):
   ``num_masked`` predicted tokens, as model/bert.py does).
 * Costs are those of THIS repository's implementations, not idealized kernels:
     - softmax: QK^T and AV, 4 n^2 D forward.
-    - linformer: E K, F V, Q K~^T, A V~: 8 n k D forward (E, F get gradients).
+    - linformer: E K, F V, Q K~^T, A V~: 8 n k D forward (E, F get gradients). Inside megatron layers
+      with head-shared E/F and k < n the input is compressed instead (``LinformerSelfAttention``): E X
+      and F X (one product when E = F), the K/V linear layers on k rows, Q on n rows.
     - bert_lsh: dense QK^T and AV (as the released code, 4 n^2 D) + hashing 2 (2n) d L b per head;
       non-colliding logits are 0, not skipped, so nothing is saved in the core.
     - yoso (sampling): hashing (Gaussian: 2 (2n) d m tau per head; Hadamard: 3 FWHT of d_p log2 d_p
@@ -35,6 +37,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from model.attention.linformer import compresses_input
 from model.attention.registry import config_from_dict, layer_configs
 
 SOFTMAX_ELEMENTWISE_FWD = 5
@@ -46,7 +49,8 @@ def _cfg(attention: Any):
     return config_from_dict(attention if not isinstance(attention, str) else {"name": attention})
 
 
-def _core_flops(cfg, n: int, num_heads: int, head_dim: int, max_seq_len: int) -> dict[str, float]:
+def _core_flops(cfg, n: int, num_heads: int, head_dim: int, max_seq_len: int, hidden_size: int | None = None,
+                input_form: bool = False) -> dict[str, float]:
     """Core attention of one sequence, all heads: {fwd_matmul, bwd_matmul, fwd_other, bwd_other}."""
     H, d = num_heads, head_dim
     D = H * d
@@ -58,7 +62,10 @@ def _core_flops(cfg, n: int, num_heads: int, head_dim: int, max_seq_len: int) ->
                     fwd_other=SOFTMAX_ELEMENTWISE_FWD * scores, bwd_other=SOFTMAX_ELEMENTWISE_BWD * scores)
     if name == "linformer":
         k = min(cfg.k, max_seq_len)
-        fm = 8.0 * n * k * D
+        if input_form:  # E X (and F X unless E = F) over the hidden size, then Q K~^T and A V~
+            fm = (2.0 if cfg.sharing in ("key-value", "layerwise") else 4.0) * n * k * (hidden_size or D) + 4.0 * n * k * D
+        else:  # E K, F V, Q K~^T, A V~
+            fm = 8.0 * n * k * D
         return dict(fwd_matmul=fm, bwd_matmul=2 * fm,
                     fwd_other=SOFTMAX_ELEMENTWISE_FWD * n * k * H + 2 * n * D,
                     bwd_other=SOFTMAX_ELEMENTWISE_BWD * n * k * H + 2 * n * D)
@@ -97,12 +104,16 @@ def _core_flops(cfg, n: int, num_heads: int, head_dim: int, max_seq_len: int) ->
     raise ValueError(f"model/flops.py has no FLOP formula for attention {name!r}; add one")
 
 
-def _proj_flops(cfg, n: int, hidden_size: int, num_heads: int, head_dim: int) -> dict[str, float]:
+def _proj_flops(cfg, n: int, hidden_size: int, num_heads: int, head_dim: int,
+                input_form: bool = False) -> dict[str, float]:
     """Q/K/V projection + output projection of one sequence."""
     D, inner = hidden_size, num_heads * head_dim
     out_mm = 2.0 * n * inner * D
     if cfg.name == "shared_qkv":
         qkv_mm, qkv_other = 2.0 * n * D * inner, n * inner + 3 * n * inner
+    elif input_form:  # Linformer compressing the layer input: Q over n rows, K and V over k rows
+        k = cfg.k
+        qkv_mm, qkv_other = 2.0 * n * D * inner + 4.0 * k * D * inner, n * inner + 4 * k * inner
     else:
         qkv_mm, qkv_other = 6.0 * n * D * inner, 3 * n * inner
     return dict(fwd_matmul=qkv_mm + out_mm, bwd_matmul=2 * (qkv_mm + out_mm),
@@ -110,7 +121,7 @@ def _proj_flops(cfg, n: int, hidden_size: int, num_heads: int, head_dim: int) ->
 
 
 def attention_flops(cfg_dict: Any, batch: int, seq_len: int, num_heads: int, head_dim: int,
-                    hidden_size: int, max_seq_len: int) -> dict[str, float]:
+                    hidden_size: int, max_seq_len: int, linformer_input_form: bool = True) -> dict[str, float]:
     """FLOPs of one attention block (one layer) over a batch, with the softmax equivalent.
 
     Args:
@@ -118,6 +129,9 @@ def attention_flops(cfg_dict: Any, batch: int, seq_len: int, num_heads: int, hea
         batch, seq_len: sequences and their padded length.
         num_heads, head_dim, hidden_size: the layer's shape (all heads, not per TP rank).
         max_seq_len: model.max_position_embeddings (caps Linformer's k).
+        linformer_input_form: count Linformer as megatron layers run it: compressing the layer input
+            before the K/V linear layers where ``linformer.compresses_input`` says so (head-shared E/F,
+            k < n); False counts the paper's form (E K, F V; the standalone core attention).
 
     Returns:
         fwd, bwd, total; core_* and proj_* parts with their *_matmul GEMM shares; softmax_fwd,
@@ -126,8 +140,9 @@ def attention_flops(cfg_dict: Any, batch: int, seq_len: int, num_heads: int, hea
     cfg = _cfg(cfg_dict)
     out: dict[str, float] = {}
     for prefix, c in (("", cfg), ("softmax_", _cfg("softmax"))):
-        core = _core_flops(c, seq_len, num_heads, head_dim, max_seq_len)
-        proj = _proj_flops(c, seq_len, hidden_size, num_heads, head_dim)
+        input_form = linformer_input_form and c.name == "linformer" and compresses_input(c, seq_len)
+        core = _core_flops(c, seq_len, num_heads, head_dim, max_seq_len, hidden_size, input_form)
+        proj = _proj_flops(c, seq_len, hidden_size, num_heads, head_dim, input_form)
         parts = {}
         for part_name, part in (("core", core), ("proj", proj)):
             for phase in ("fwd", "bwd"):
@@ -181,7 +196,8 @@ def _get(obj: Any, dotted: str, default: Any = None) -> Any:
     return obj
 
 
-def model_flops(experiment_cfg: Any, batch: int, seq_len: int, num_masked: int, vocab: int) -> dict[str, float]:
+def model_flops(experiment_cfg: Any, batch: int, seq_len: int, num_masked: int, vocab: int,
+                linformer_input_form: bool = True) -> dict[str, float]:
     """FLOPs of one forward + backward of the whole BERT over a batch, and of its softmax twin.
 
     Args:
@@ -189,6 +205,7 @@ def model_flops(experiment_cfg: Any, batch: int, seq_len: int, num_masked: int, 
         batch, seq_len: sequences and their padded length.
         num_masked: predicted (MLM) tokens in the whole batch; the head runs only there.
         vocab: rows of the output embedding (the padded vocabulary).
+        linformer_input_form: as in :func:`attention_flops`.
 
     Returns:
         fwd, bwd, total; attention_total / softmax_attention_total (all layers' attention blocks);
@@ -203,7 +220,7 @@ def model_flops(experiment_cfg: Any, batch: int, seq_len: int, num_masked: int, 
     tokens = batch * n
     attn_fwd = attn_bwd = sm_fwd = sm_bwd = 0.0
     for c in per_layer:
-        a = attention_flops(c, batch, n, H, d, D, max_len)
+        a = attention_flops(c, batch, n, H, d, D, max_len, linformer_input_form)
         attn_fwd, attn_bwd = attn_fwd + a["fwd"], attn_bwd + a["bwd"]
         sm_fwd, sm_bwd = sm_fwd + a["softmax_fwd"], sm_bwd + a["softmax_bwd"]
     ln = 8.0 * D  # LayerNorm per token, forward (~2x backward)

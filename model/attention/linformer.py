@@ -15,6 +15,11 @@ Sharing (``sharing``):
     layerwise   one matrix for every layer, head, K and V. Tied across the layers of a megatron
                 model by the adapter (``share_key``/``tie_to``); a standalone module owns its own.
 
+Inside a megatron layer with head-shared E and F and k < n, ``LinformerSelfAttention`` (megatron
+adapter) compresses the layer input instead: K~ = (E X) W_k^T + (E 1) b_k, the same numbers as
+E (X W_k^T + b_k), with the K/V linear layers run on k rows instead of n (fairseq's form, see
+``compresses_input``); the core then only attends (``attend_compressed``).
+
 Under tensor parallelism head-shared matrices are replicated on every rank; their gradient is summed
 over the tensor-parallel group through ``replicated_param_hook`` (set by the adapter).
 """
@@ -80,11 +85,52 @@ def linformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         keep = key_padding_mask[:, None, :, None].to(k.dtype)  # [b, 1, n, 1]
         k, v = k * keep, v * keep
     E, F = E[..., :n].to(k.dtype), F[..., :n].to(v.dtype)
-    k_proj, v_proj = _project(E, k), _project(F, v)
+    return attend_compressed(q, _project(E, k), _project(F, v), dropout_p)
+
+
+def attend_compressed(q: torch.Tensor, k_proj: torch.Tensor, v_proj: torch.Tensor,
+                      dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k_proj^T / sqrt(d)) v_proj: q [b, h, n, d], k_proj, v_proj [b, h, k, d] -> [b, h, n, d].
+
+    The second half of Linformer, once K and V are compressed along the sequence (no mask is left:
+    padded rows were zeroed before compressing)."""
+    if k_proj.shape != v_proj.shape or q.shape[:2] != k_proj.shape[:2] or q.shape[-1] != k_proj.shape[-1]:
+        raise ValueError(f"linformer: compressed k, v must be [batch, heads, k, head_dim] matching q "
+                         f"{tuple(q.shape)}; got {tuple(k_proj.shape)}, {tuple(v_proj.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1])
     if _explicit_scores(q, k_proj):
         return _attention_explicit(q, k_proj, v_proj, dropout_p, scale)
     return nnf.scaled_dot_product_attention(q, k_proj, v_proj, dropout_p=dropout_p, scale=scale)
+
+
+def compresses_input(cfg: LinformerConfig, n: int) -> bool:
+    """Whether a megatron layer compresses its input X instead of K and V (``LinformerSelfAttention``).
+
+    With E and F shared by the heads, E (X W_k^T + b_k) = (E X) W_k^T + (E 1) b_k exactly (padded rows
+    zeroed on both sides), and the right side runs the K/V linear layers on k rows instead of n. That
+    saves work only when k < n; per-head E_i would need one E_i X per head, so ``sharing: none`` keeps
+    the paper's form."""
+    return cfg.sharing != "none" and cfg.k < n
+
+
+def compress_sequence(P: torch.Tensor, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress a sequence-first ``x`` [n, b, D] along the sequence with P [k, N] (N >= n; columns [:n]).
+
+    Args:
+        keep: [n, b] in x's dtype, 1 at real tokens (None = all real); padded rows count as zero.
+
+    Returns:
+        (P x [k, b, D], P keep [k, b] or [k, 1]: the weight each compressed row gives a bias added to x's rows).
+    """
+    n, b, D = x.shape
+    if P.shape[-1] < n:
+        raise ValueError(f"linformer: sequence length {n} exceeds max_seq_len {P.shape[-1]} (columns of E/F); "
+                         "raise model.max_position_embeddings")
+    P = P[:, :n].to(x.dtype)
+    if keep is None:
+        return (P @ x.reshape(n, b * D)).view(-1, b, D), P.sum(dim=1, keepdim=True)  # [k, b*D] -> [k, b, D]
+    xs = (x * keep[..., None]).view(n, b * D)  # [n, b, D] -> [n, b*D]
+    return (P @ xs).view(-1, b, D), P @ keep  # [k, b, D], [k, b]
 
 
 # Largest score tensor (b * h * n * k elements) that the explicit path takes: with bf16 on CPU the explicit
@@ -164,14 +210,22 @@ class LinformerAttention(CoreAttention):
         assert isinstance(other, LinformerAttention) and other.E.shape == self.E.shape
         self.E = other.E
 
+    def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E, F) as this forward uses them: F is E for ``key-value`` / ``layerwise``; head-shared
+        matrices go through ``replicated_param_hook`` (replicated on every TP rank: grads summed over TP)."""
+        E, F_ = self.E, self.F
+        if self.cfg.sharing != "none":
+            E = self.replicated_param_hook(E)
+            F_ = self.replicated_param_hook(F_) if F_ is not None else None
+        return E, (E if F_ is None else F_)
+
+    def attend_compressed(self, q: torch.Tensor, k_proj: torch.Tensor, v_proj: torch.Tensor) -> torch.Tensor:
+        """Attention over K, V already compressed to k rows (q [b, h, n, d]; k_proj, v_proj [b, h, k, d])."""
+        return attend_compressed(q, k_proj, v_proj, self.dropout if self.training else 0.0)
+
     def forward(self, q, k, v, key_padding_mask):
         if k.shape[2] > self.max_seq_len:
             raise ValueError(f"linformer: sequence length {k.shape[2]} exceeds max_seq_len={self.max_seq_len}; "
                              "raise model.max_position_embeddings")
-        E, F_ = self.E, self.F
-        if self.cfg.sharing != "none":  # replicated on every tensor-parallel rank: sum grads over TP
-            E = self.replicated_param_hook(E)
-            F_ = self.replicated_param_hook(F_) if F_ is not None else None
-        if F_ is None:  # key-value / layerwise: E = F
-            F_ = E
+        E, F_ = self.projections()
         return linformer_attention(q, k, v, key_padding_mask, E, F_, self.dropout if self.training else 0.0)

@@ -10,6 +10,10 @@ instead (``SharedQKVLinear``) and keep softmax as the core attention (``Projecti
 deliberately not a ``MegatronCoreAttention``, so ``model.bert.attention_modules`` reports the
 projection module for those layers).
 
+Linformer layers with head-shared E/F use ``LinformerSelfAttention``, which compresses the layer
+input before the K/V linear layers (the same numbers, the K/V projections of k rows instead of n) and
+hands the core K/V of k rows.
+
 Per layer the adapter also sets, on the variant module: ``head_offset = tp_rank * heads`` (global
 head index for stochastic variants), ``replicated_param_hook`` (TP > 1: gradients of parameters that
 every rank holds whole, such as Linformer's head-shared E, are summed over the TP group), and ties
@@ -24,16 +28,20 @@ import weakref
 from typing import Any
 
 import torch
+import torch.nn.functional as nnf
 from megatron.core import parallel_state
 from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from model.attention.base import AttentionConfig
+from model.attention.linformer import LinformerAttention, compress_sequence, compresses_input
 from model.attention.registry import build, config_from_dict, get
 from model.attention.shared_qkv import SharedQKVConfig, fused_head_interleaved
 
@@ -84,16 +92,107 @@ class _SequenceFirstCore(MegatronModule):
         assert attention_bias is None and packed_seq_params is None, "bias / packed sequences unsupported"
         s, b, h, d = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [s, b, h, d] -> [b, h, s, d]
-        key_padding_mask = None
-        if attention_mask is not None:
-            if attention_mask.dim() == 4 and attention_mask.shape[2] == 1:
-                key_padding_mask = ~attention_mask[:, 0, 0, :]  # [b, 1, 1, s] -> [b, s], True = real
-            else:  # [b, 1, s, s]: a key is real if some query may attend to it
-                key_padding_mask = (~attention_mask[:, 0]).any(dim=1)  # [b, s]
-            if key_padding_mask.device.type == "cpu" and bool(key_padding_mask.all()):
-                key_padding_mask = None  # no padding: skip the masking work (checked on CPU, where it costs no sync)
-        out = self.core(q, k, v, key_padding_mask)  # [b, h, s, d]
+        if key.shape[0] != s:  # K/V already compressed along the sequence (LinformerSelfAttention), mask applied
+            out = self.core.attend_compressed(q, k, v)  # [b, h, s, d]
+        else:
+            out = self.core(q, k, v, key_padding_mask(attention_mask))  # [b, h, s, d]
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)  # [b, h, s, d] -> [s, b, h*d]
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """megatron's mask (True = NOT allowed; [b, 1, 1, s] or [b, 1, s, s]) -> ours: bool [b, s], True = real.
+
+    None when there is no padding (checked on CPU only, where it costs no device sync)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4 and attention_mask.shape[2] == 1:
+        mask = ~attention_mask[:, 0, 0, :]  # [b, 1, 1, s] -> [b, s], True = real
+    else:  # [b, 1, s, s]: a key is real if some query may attend to it
+        mask = (~attention_mask[:, 0]).any(dim=1)  # [b, s]
+    if mask.device.type == "cpu" and bool(mask.all()):
+        return None  # no padding: skip the masking work
+    return mask
+
+
+class LinformerSelfAttention(SelfAttention):
+    """megatron SelfAttention for Linformer layers that compresses the layer input, not K and V.
+
+    With E and F shared by the heads and k < n (``linformer.compresses_input``), K~ and V~ are
+
+        K~ = (E X~) W_k^T + (E keep) b_k,   V~ = (F X~) W_v^T + (F keep) b_v,   X~ = X with padded rows zeroed
+
+    which equals E (X W_k^T + b_k) with padded rows of K zeroed (the paper's form) but runs the K/V
+    linear layers on k rows instead of n. Q is X W_q^T + b_q as usual. W and b are this rank's slice of
+    megatron's fused ``linear_qkv`` (per head [q | k | v]); the core (``attend_compressed``) sees K/V
+    of k rows. Under TP the input passes megatron's copy-to-TP-region (identity forward, all-reduce of
+    its gradient) as ``linear_qkv`` does, and E/F get the core's replicated-parameter hook. Otherwise
+    (``sharing: none``, k >= n, grouped queries, sequence parallelism) the layer is megatron's
+    SelfAttention unchanged.
+    """
+
+    compress_input: bool = True
+    """Class-wide switch: False runs the paper's form everywhere (tests and A/B benchmarks compare them)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        core = self.core_attention.core
+        if not isinstance(core, LinformerAttention):
+            raise TypeError(f"LinformerSelfAttention needs Linformer core attention, got {type(core).__name__}")
+        self._attention_mask: torch.Tensor | None = None
+        self._plain = (self.num_query_groups_per_partition == self.num_attention_heads_per_partition
+                       and not self.config.attention_output_gate and not self.config.sequence_parallel
+                       and all(n is None or isinstance(n, IdentityOp) for n in (self.q_layernorm, self.k_layernorm)))
+        group, _, tp = _tp_group_rank_size(self.pg_collection)
+        self._tp_group = group if tp > 1 else None
+        # ZeRO-3 gathers a module's parameters around ITS forward; these are read in this module's
+        # get_query_key_value_tensors, outside linear_qkv's and the core's forward (recent DeepSpeed also
+        # gathers such a parameter on first access; registering says so up front, as the trainer does for
+        # the tied output embedding).
+        import deepspeed
+
+        for p in (self.linear_qkv.weight, self.linear_qkv.bias, core.E, core.F):
+            if p is not None:
+                deepspeed.zero.register_external_parameter(self, p)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, *args: Any, **kwargs: Any):
+        self._attention_mask = attention_mask  # get_query_key_value_tensors zeroes padded rows with it
+        try:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        finally:
+            self._attention_mask = None
+
+    def get_query_key_value_tensors(self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None,
+                                    output_gate: bool = False, split_qkv: bool = True):
+        core = self.core_attention.core
+        n, b, _ = hidden_states.shape
+        if not (self.compress_input and self._plain and split_qkv and not output_gate and key_value_states is None
+                and compresses_input(core.cfg, n)):
+            return super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
+                                                       split_qkv=split_qkv)
+        x = hidden_states  # [n, b, D]
+        if self._tp_group is not None:
+            x = copy_to_tensor_model_parallel_region(x, group=self._tp_group)
+        heads, hn = self.num_attention_heads_per_partition, self.hidden_size_per_attention_head
+        w = self.linear_qkv.weight.view(heads, 3, hn, -1)  # [np*3*hn, D] -> [np, (q, k, v), hn, D]
+        bias = self.linear_qkv.bias
+        bias = bias.view(heads, 3, hn) if bias is not None else None  # [np*3*hn] -> [np, (q, k, v), hn]
+
+        def linear(t: torch.Tensor, which: int, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+            out = nnf.linear(t, w[:, which].reshape(heads * hn, -1))  # [., b, D] -> [., b, np*hn]
+            if bias is not None:
+                bw = bias[:, which].reshape(heads * hn)
+                out = out + (bw if row_weight is None else row_weight[..., None] * bw)
+            return out
+
+        query = linear(x, 0).view(n, b, heads, hn)  # [n, b, np*hn] -> [n, b, np, hn]
+        mask = key_padding_mask(self._attention_mask)  # [b, n] or None
+        keep = mask.t().to(x.dtype) if mask is not None else None  # [n, b]
+        E, F_ = core.projections()
+        ex, e_keep = compress_sequence(E, x, keep)  # [k, b, D], [k, b | 1]
+        fx, f_keep = (ex, e_keep) if F_ is E else compress_sequence(F_, x, keep)
+        key = linear(ex, 1, e_keep).view(-1, b, heads, hn)  # [k, b, np*hn] -> [k, b, np, hn]
+        value = linear(fx, 2, f_keep).view(-1, b, heads, hn)
+        return query, key, value
 
 
 class MegatronCoreAttention(_SequenceFirstCore):
@@ -168,4 +267,6 @@ def layer_spec(attention_cfg: AttentionConfig | dict, max_seq_len: int) -> Modul
     else:
         sub.core_attention = functools.partial(MegatronCoreAttention, attention_cfg=attention_cfg,
                                                max_seq_len=max_seq_len)
+        if attention_cfg.name == "linformer":
+            spec.submodules.self_attention.module = LinformerSelfAttention
     return spec

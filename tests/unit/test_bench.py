@@ -104,6 +104,8 @@ def test_train_step_tiny(runs):
         assert by[model]["ceiling"] is True and "ceiling: no attention at all" in by[model]["flops_note"]
         assert by[model]["flops_per_step"] < by["bertforge/softmax" if model.startswith("bertforge") else
                                                  "hf_bert"]["flops_per_step"]
+    # Linformer compresses the layer input (k < n here): fewer FLOPs than its paper-form A/B row
+    assert by["bertforge/linformer"]["flops_per_step"] < by["bertforge/linformer+paper_form"]["flops_per_step"]
     assert by["hf_bert_noattn"]["hf_attn_implementation"] == "bench_noattn"
     assert by["hf_bert"]["hf_attn_implementation"] != "bench_noattn"
     from model.attention import available

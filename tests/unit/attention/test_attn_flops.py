@@ -130,3 +130,30 @@ def test_model_flops_hybrid_and_softmax_twin():
     g = model_flops({"model": soft}, 8, 128, 150, 1024)
     assert g["saved_pct"] == pytest.approx(0.0) and g["softmax_total"] == pytest.approx(f["softmax_total"])
     assert f["attention_total"] != g["attention_total"]
+
+
+@pytest.mark.parametrize("sharing", ["headwise", "key-value", "none"])
+def test_linformer_megatron_layer_gemms(megatron_world, sharing):
+    """The whole megatron attention block of a Linformer layer (Q/K/V, core, output projection), as
+    LinformerSelfAttention runs it: the input form for head-shared E/F at k < n, the paper's for none."""
+    from launch.config import load_config
+    from model.bert import build_model
+
+    cfg = load_config(None, ["model.num_layers=1", f"model.hidden_size={D}", f"model.num_attention_heads={H}",
+                             f"model.max_position_embeddings={MAXLEN}", f"data.seq_len={N}", "model.vocab_size=128",
+                             "model.hidden_dropout=0.0", "model.attention_dropout=0.0",
+                             f"model.attention={{name: linformer, k: 8, sharing: {sharing}}}"])
+    torch.manual_seed(0)
+    attn = build_model(cfg, 100).encoder.layers[0].self_attention
+    x = _leaf(N, B, D)
+    # SDPA's math backend: FlopCounterMode has no formula for the CPU flash kernel
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        fwd, bwd = _count(lambda: attn(x, torch.zeros(B, 1, 1, N, dtype=torch.bool))[0])
+    a = _core(cfg.model.attention)
+    _close(fwd, a["core_fwd_matmul"] + a["proj_fwd_matmul"])
+    _close(bwd, a["core_bwd_matmul"] + a["proj_bwd_matmul"])
+    paper = attention_flops(cfg.model.attention, B, N, H, HD, D, MAXLEN, linformer_input_form=False)
+    if sharing == "none":
+        assert paper["total"] == a["total"]
+    else:  # the K/V projections of N - k rows are gone
+        assert a["proj_fwd_matmul"] == paper["proj_fwd_matmul"] - B * 4.0 * (N - 8) * D * D

@@ -120,3 +120,42 @@ def test_linformer_layerwise_ties_one_matrix_across_layers(megatron_world):
     assert cores[0].E.grad is not None and cores[0].E.grad.abs().sum() > 0
     other = _build(_cfg("linformer", {"sharing": "layerwise"}))
     assert attention_modules(other)[0].E is not cores[0].E  # tying stays within one model
+
+
+@pytest.mark.parametrize("sharing", ["headwise", "key-value", "layerwise", "none"])
+def test_linformer_layer_compresses_its_input_with_the_papers_numbers(megatron_world, monkeypatch, sharing):
+    """LinformerSelfAttention's (E X) W_k^T + (E keep) b_k form gives the paper form's loss and every
+    gradient (padding in the batch, biases trained away from 0, n < max_seq_len), and the K/V linear
+    layers really run on k rows (sharing: none keeps the paper form: n rows)."""
+    from model.attention.megatron_adapter import LinformerSelfAttention
+
+    model = _build(_cfg("linformer", {"sharing": sharing}))
+    with torch.no_grad():
+        for layer in model.encoder.layers:
+            layer.self_attention.linear_qkv.bias.normal_(0.0, 0.5)
+    assert all(type(layer.self_attention) is LinformerSelfAttention for layer in model.encoder.layers)
+
+    def run(compress: bool):
+        monkeypatch.setattr(LinformerSelfAttention, "compress_input", compress)
+        model.zero_grad()
+        ids, am, tt, labels = _batch()
+        loss, _, _ = model(ids, am, tt, labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    paper_loss, paper_grads = run(False)
+    loss, grads = run(True)
+    torch.testing.assert_close(loss, paper_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == paper_grads.keys() and any(".E" in n for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grads[n], paper_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+    attn = model.encoder.layers[0].self_attention
+    x = torch.randn(16, 2, 32)
+    mask = torch.zeros(2, 1, 1, 16, dtype=torch.bool)
+    mask[1, ..., 11:] = True
+    attn._attention_mask = mask
+    q, k, v = attn.get_query_key_value_tensors(x)
+    attn._attention_mask = None
+    assert q.shape == (16, 2, 4, 8)
+    assert k.shape == v.shape == ((16, 2, 4, 8) if sharing == "none" else (8, 2, 4, 8))
