@@ -285,7 +285,8 @@ def test_finetune_beats_random_init_and_reaches_80pct(finetuned, variant):
     (train loss 4.59 -> 3.78; val MLM accuracy 28.2% at step 1800) and fine-tunes to 0.845 vs 0.68
     from random init (measured 2026-12-07; 0.86 vs 0.675 in a one-process run).
     Linformer (k=32 of 64 positions, ``init: pool``, 2700 steps: MLM 31.4%) fine-tunes to 0.815 vs
-    0.6425 from random init (measured 2026-12-07, one process). With the default random E it
+    0.6425 from random init (measured 2026-12-07, one process); since its layers compress their input
+    before the K/V linear layers (the same math, other float rounding) 0.8075 vs 0.665. With the default random E it
     stays at the unigram plateau (k=16, 1800 steps: MLM 16.6%, fine-tuned 0.70); pool init at 1800 steps
     gets k=16 to 22.6% / 0.76 and k=32 to 27.0% / 0.79. BERT-LSH (MLM 20.4% at 1800 steps, fine-tuned
     0.68) costs 2.2x softmax per step, so it is not the efficient variant here."""
